@@ -1,0 +1,1 @@
+"""Headless core: stdlib + numpy + opencv only (no Qt, no torch; checked by import-linter)."""

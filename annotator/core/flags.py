@@ -1,0 +1,127 @@
+"""Flag rules of the checkers (spec 003, claims 3-7).
+
+Variant A (one checker, match by overlap): flag when the match degree between the
+reviewer's mask and the checker's predicted mask is below ``iou_threshold`` (0.8 in the
+patent). Variant B (N checkers, match by probability): aggregate the out-of-fold checkers'
+defect probabilities by ``sum`` or ``mean`` (each with its own thresholds) and apply the
+patent's wrong-label and missed-label rules.
+
+Pure functions over numbers and masks: the CLI, GUI and benchmarks share them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional
+
+import numpy as np
+
+from annotator.core import masks as M
+
+RULE_IOU = "iou"
+RULE_WRONG = "wrong_label"
+RULE_MISSED = "missed_label"
+OPERATIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class FlagRules:
+    # Variant A: flag when match < iou_threshold (patent: 0.8).
+    iou_threshold: float = 0.8
+    # Boundary tolerance in px for the match (0 = the patent's exact IoU). Thin fabric
+    # defects are 1-3 px wide, so a one-pixel offset must not flag a correct label; a
+    # ring of 3-5 px (the patent's expanded/shrunk labels) must still be caught, which
+    # bounds the radius at 1. Chosen by `annotator bench checkers`.
+    iou_tolerance_px: int = 1
+    # Variant B: how N probabilities become one target probability.
+    operation: str = "mean"
+    # Wrong label: target probability < threshold while the label marks a defect.
+    wrong_threshold_mean: float = 0.5
+    # Missed label: target probability > threshold, predicted area > area threshold,
+    # and the label marks no defect.
+    missed_threshold_mean: float = 0.5
+    # Sum thresholds are given for `sum_reference_voters` voters and scaled to the
+    # number that actually voted (out-of-fold leaves the image's own model out). The
+    # patent's example: sum > 4 with N = 5.
+    wrong_threshold_sum: float = 2.5
+    missed_threshold_sum: float = 4.0
+    sum_reference_voters: int = 5
+    # Patent: area > 15 px (of the region the checkers predict as defective).
+    missed_area_px: int = 15
+
+    def __post_init__(self) -> None:
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
+
+    def thresholds(self, n_voters: int) -> tuple[float, float]:
+        """(wrong, missed) thresholds for the configured operation and voter count."""
+        if self.operation == "mean":
+            return self.wrong_threshold_mean, self.missed_threshold_mean
+        scale = n_voters / self.sum_reference_voters
+        return self.wrong_threshold_sum * scale, self.missed_threshold_sum * scale
+
+
+@dataclass
+class Flag:
+    """A suspicious label: its rule, the numbers behind it, how suspicious it is (0..1)."""
+
+    rule: str
+    suspicion: float
+    numbers: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def aggregate(probs: Mapping[object, float], operation: str) -> float:
+    """The patent's 'specified operation' over the voters' probabilities."""
+    if not probs:
+        raise ValueError("no checker voted on this image")
+    values = [float(p) for p in probs.values()]
+    if operation == "sum":
+        return float(sum(values))
+    if operation == "mean":
+        return float(sum(values) / len(values))
+    raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
+
+
+def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()) -> Optional[Flag]:
+    """Variant A. Flags when the (tolerant) IoU of label vs prediction < threshold."""
+    label, pred = M.as_bool(label), M.as_bool(pred)
+    score = M.tolerant_iou(label, pred, rules.iou_tolerance_px)
+    regions = [
+        {"index": r.index, "area": r.area, "bbox": list(r.bbox), "iou": round(v, 4)}
+        for r, v in M.region_ious(label, pred, rules.iou_tolerance_px)
+    ]
+    if score >= rules.iou_threshold:
+        return None
+    numbers = {
+        "iou": round(score, 4),
+        "iou_exact": round(M.iou(label, pred), 4),
+        "tolerance_px": rules.iou_tolerance_px,
+        "threshold": rules.iou_threshold,
+        "label_area": int(label.sum()),
+        "pred_area": int(pred.sum()),
+        "regions": regions,
+    }
+    return Flag(RULE_IOU, suspicion=round(1.0 - score, 4), numbers=numbers)
+
+
+def probability_flag(probs: Mapping[object, float], label_has_defect: bool, pred_area: int,
+                     rules: FlagRules = FlagRules()) -> Optional[Flag]:
+    """Variant B: the wrong-label and missed-label rules, over out-of-fold votes."""
+    target = aggregate(probs, rules.operation)
+    wrong_thr, missed_thr = rules.thresholds(len(probs))
+    numbers = {
+        "votes": {str(k): round(float(v), 4) for k, v in probs.items()},
+        "operation": rules.operation,
+        "aggregate": round(target, 4),
+        "pred_area": int(pred_area),
+    }
+    mean_p = target / len(probs) if rules.operation == "sum" else target
+    if label_has_defect and target < wrong_thr:
+        numbers["threshold"] = round(wrong_thr, 4)
+        return Flag(RULE_WRONG, suspicion=round(1.0 - mean_p, 4), numbers=numbers)
+    if not label_has_defect and target > missed_thr and pred_area > rules.missed_area_px:
+        numbers.update(threshold=round(missed_thr, 4), area_threshold=rules.missed_area_px)
+        return Flag(RULE_MISSED, suspicion=round(mean_p, 4), numbers=numbers)
+    return None

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from annotator.core import masks as M
+from annotator.core.flags import (RULE_IOU, RULE_MISSED, RULE_WRONG, FlagRules, aggregate, iou_flag,
+                                  probability_flag)
+
+
+def disk(r, size=64):
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - 32) ** 2 + (xx - 32) ** 2 <= r ** 2
+
+
+@pytest.mark.parametrize("tol", [0, 1])
+def test_variant_a_flags_expanded_and_shrunk_rings_not_exact(tol):
+    truth = disk(10)
+    rules = FlagRules(iou_tolerance_px=tol)
+    assert iou_flag(truth, truth, rules) is None
+    for wrong in (M.dilate(truth, 3), M.erode(truth, 3)):
+        flag = iou_flag(wrong, truth, rules)
+        assert flag is not None and flag.rule == RULE_IOU
+        assert flag.numbers["iou"] < 0.8 and flag.numbers["threshold"] == 0.8
+        assert flag.numbers["regions"][0]["iou"] < 0.8
+
+
+def test_variant_a_exact_iou_number():
+    a = np.zeros((40, 40), bool); a[5:15, 5:15] = True
+    b = np.zeros((40, 40), bool); b[5:15, 10:20] = True
+    flag = iou_flag(a, b, FlagRules(iou_tolerance_px=0))
+    assert flag.numbers["iou_exact"] == pytest.approx(round(50 / 150, 4))
+
+
+def test_sum_and_mean_have_separate_thresholds():
+    probs = {0: 0.3, 1: 0.4, 2: 0.2, 3: 0.1}
+    assert aggregate(probs, "sum") == pytest.approx(1.0)
+    assert aggregate(probs, "mean") == pytest.approx(0.25)
+    mean = FlagRules(operation="mean", wrong_threshold_mean=0.5)
+    summ = FlagRules(operation="sum", wrong_threshold_sum=2.5, sum_reference_voters=5)
+    assert mean.thresholds(4)[0] == 0.5
+    assert summ.thresholds(4)[0] == pytest.approx(2.0)  # scaled to 4 voters
+    assert summ.thresholds(5)[1] == pytest.approx(4.0)  # the patent's "> 4" with N = 5
+
+
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_wrong_label_rule(op):
+    rules = FlagRules(operation=op)
+    low = {0: 0.1, 1: 0.2, 2: 0.05, 3: 0.1, 4: 0.0}
+    flag = probability_flag(low, label_has_defect=True, pred_area=0, rules=rules)
+    assert flag.rule == RULE_WRONG and flag.numbers["operation"] == op
+    assert flag.numbers["votes"] == {str(k): v for k, v in low.items()}
+    # the same votes on an image labelled defect-free are consistent: no flag
+    assert probability_flag(low, label_has_defect=False, pred_area=0, rules=rules) is None
+
+
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_missed_label_rule_needs_probability_and_area(op):
+    rules = FlagRules(operation=op, missed_threshold_mean=0.8, missed_threshold_sum=4.0, missed_area_px=15)
+    high = {0: 0.95, 1: 0.9, 2: 0.99, 3: 0.85, 4: 0.97}  # sum 4.66 > 4, mean 0.93 > 0.8
+    flag = probability_flag(high, label_has_defect=False, pred_area=16, rules=rules)
+    assert flag.rule == RULE_MISSED and flag.numbers["area_threshold"] == 15
+    assert probability_flag(high, label_has_defect=False, pred_area=15, rules=rules) is None
+    assert probability_flag(high, label_has_defect=True, pred_area=100, rules=rules) is None
+    mid = {0: 0.7, 1: 0.7, 2: 0.7, 3: 0.7, 4: 0.7}  # sum 3.5, mean 0.7
+    assert probability_flag(mid, label_has_defect=False, pred_area=100, rules=rules) is None
+
+
+def test_bad_operation():
+    with pytest.raises(ValueError):
+        FlagRules(operation="max")
+    with pytest.raises(ValueError):
+        aggregate({}, "mean")
