@@ -1,0 +1,271 @@
+"""Command line: ``annotator VERB ...``. Every verb calls the same headless function the GUI
+calls. Light verbs (init, import, labels, status, flags, export) never import torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from annotator import __version__
+
+
+class _Bar:
+    """tqdm progress bar fed by ``on_progress(done, total, message)``; silent when not a TTY
+    and ``quiet``."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.message = None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or message != self.message or (total and self.bar.total != total):
+            self.close()
+            self.bar = tqdm(total=total or None, desc=message, unit="it", file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+            self.message = message
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def _open(path: str):
+    from annotator.core.store import Project
+
+    return Project.open(path)
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def cmd_init(a) -> int:
+    from annotator.core.store import Project
+
+    Project.create(a.project).close()
+    print(f"created project {a.project}")
+    return 0
+
+
+def cmd_import(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        if a.mvtec:
+            report = project_io.import_mvtec(p, a.mvtec, with_labels=a.with_labels)
+        elif a.folder:
+            report = project_io.import_folder(p, a.folder, good=a.good)
+        else:
+            raise SystemExit("annotator import: give a folder or --mvtec ROOT")
+    _print_json(report) if a.json else print(project_io.format_import_report(report))
+    return 0
+
+
+def cmd_labels(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        if a.masks:
+            report = project_io.import_masks(p, a.masks)
+        else:
+            report = project_io.import_labels(p, a.coco or a.labelme, "coco" if a.coco else "labelme")
+    _print_json(report) if a.json else print(project_io.format_import_report(report))
+    return 0
+
+
+def cmd_prelabel(a) -> int:
+    from annotator.ml.prelabel import PrelabelConfig
+    from annotator.pipeline.prelabel import prelabel_project
+
+    bar = _Bar(a.quiet)
+    with _open(a.project) as p:
+        try:
+            summary = prelabel_project(p, PrelabelConfig(method=a.method), on_progress=bar)
+        finally:
+            bar.close()
+    _print_json(summary)
+    return 0
+
+
+def cmd_check(a) -> int:
+    from annotator.core.flags import FlagRules
+    from annotator.pipeline.check import check_project
+
+    bar = _Bar(a.quiet)
+    rules = FlagRules(iou_threshold=a.iou_threshold, operation=a.operation)
+    with _open(a.project) as p:
+        try:
+            summary = check_project(p, variant=a.variant, folds=a.folds, scheme=a.scheme, rules=rules,
+                                    on_progress=bar)
+        finally:
+            bar.close()
+    _print_json(summary)
+    return 0
+
+
+def cmd_status(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        status = project_io.status(p)
+    _print_json(status) if a.json else print(project_io.format_status(status))
+    return 0
+
+
+def cmd_flags(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        flags = project_io.flag_list(p, all_rounds=a.all)
+    _print_json(flags) if a.json else print(project_io.format_flags(flags))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        summary = project_io.export_project(p, a.out, a.format)
+    _print_json(summary)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from annotator.pipeline.demo import run_demo
+
+    bar = _Bar(a.quiet)
+    try:
+        report = run_demo(a.project, size=a.size, seed=a.seed, on_progress=bar, log=print)
+    finally:
+        bar.close()
+    if a.headless:
+        _print_json(report) if a.json else None
+        return 0
+    return _open_gui(a.project)
+
+
+def _open_gui(project: str) -> int:
+    try:
+        from annotator.gui.app import main as gui_main
+    except ImportError:
+        print("the desktop app is not part of this build yet; the demo project is ready at "
+              f"{project} (use `annotator status {project}`)", file=sys.stderr)
+        return 0
+    return gui_main([project])
+
+
+def cmd_bench(a) -> int:
+    import importlib
+
+    module = importlib.import_module(f"annotator.bench.{a.what}")
+    result = module.run(**({"quick": True} if a.quick else {}))
+    if a.json:
+        _print_json(result)
+    else:
+        print(module.format_report(result) if hasattr(module, "format_report") else json.dumps(result, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="annotator", description="Label fabric defects: pre-label, pre-check, check, export.")
+    ap.add_argument("--version", action="version", version=f"annotator {__version__}")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn: Callable, help: str, project: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if project:
+            p.add_argument("project", help="project folder")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("demo", cmd_demo, "build the demo fabric project, pre-label it and run a full round", project=False)
+    p.add_argument("--project", default="demo-project", help="where to build it (default: ./demo-project)")
+    p.add_argument("--headless", action="store_true", help="print a report instead of opening the app")
+    p.add_argument("--size", type=int, default=256, help="image side in px (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="with --headless: the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    verb("init", cmd_init, "create an empty project folder")
+
+    p = verb("import", cmd_import, "import a folder of images, or an MVTec-AD tree")
+    p.add_argument("folder", nargs="?", help="folder of images (recursively)")
+    p.add_argument("--good", action="store_true", help="the images are defect-free: model 1 trains on them")
+    p.add_argument("--mvtec", metavar="ROOT", help="an MVTec-AD tree: train/good -> good, test/** -> to label")
+    p.add_argument("--with-labels", action="store_true", help="with --mvtec: also import ground_truth masks as reviewer labels")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("labels", cmd_labels, "set current labels from mask PNGs, COCO or labelme (as reviewer-checked)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--masks", metavar="DIR", help="folder of <rel stem>_mask.png or <rel stem>.png")
+    src.add_argument("--coco", metavar="FILE", help="COCO instances JSON with RLE or polygon masks")
+    src.add_argument("--labelme", metavar="DIR", help="folder of labelme JSON files")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("prelabel", cmd_prelabel, "fit model 1 on the good images and pre-label the others")
+    p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
+    p.add_argument("--quiet", action="store_true")
+
+    p = verb("check", cmd_check, "train the checkers on the pre-checked labels and flag suspicious ones")
+    p.add_argument("--variant", choices=("iou", "ensemble", "both"), default="both")
+    p.add_argument("--folds", type=int, default=3, help="number of checkers N (default 3)")
+    p.add_argument("--scheme", choices=("disjoint", "kfold"), default="disjoint",
+                   help="disjoint: the patent's N disjoint subsets; kfold: each checker trains on N-1 folds")
+    p.add_argument("--operation", choices=("mean", "sum"), default="mean", help="how the N probabilities combine")
+    p.add_argument("--iou-threshold", type=float, default=0.8)
+    p.add_argument("--quiet", action="store_true")
+
+    p = verb("status", cmd_status, "round, states and scores of every image")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("flags", cmd_flags, "open flags of the latest check round, most suspicious first")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--all", action="store_true", help="every flag of every round, resolved ones too")
+
+    p = verb("export", cmd_export, "export the labels")
+    p.add_argument("out", help="output folder (or .json file for coco)")
+    p.add_argument("--format", choices=("mvtec", "coco", "labelme", "masks"), required=True)
+
+    p = sub.add_parser("bench", help="benchmarks on demo data")
+    p.add_argument("what", choices=("prelabel", "checkers", "loop"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small data, for a smoke run")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from annotator.core.images import ImageError
+    from annotator.core.jobs import Cancelled
+    from annotator.core.store import ProjectError
+    from annotator.pipeline import PipelineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ProjectError, PipelineError, ImageError, ValueError, FileNotFoundError) as exc:
+        print(f"annotator {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except (Cancelled, KeyboardInterrupt):
+        print(f"annotator {args.verb}: cancelled; work saved so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Light verbs: import, labels, status, flags, export. No torch here (checked by a test)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from annotator.core import formats as F
+from annotator.core.images import ImageError, load_mask
+from annotator.core.jobs import CancelToken, ProgressFn, no_progress
+from annotator.core.review import Review
+from annotator.core.store import Project, ProjectError
+
+from . import PipelineError
+
+
+def _add_items(project: Project, items, role_of, report: dict) -> dict[str, int]:
+    """Add scanned items in one transaction; an existing path is kept, never replaced."""
+    added: dict[str, int] = {}
+    with project.transaction():
+        for it in items:
+            known = project.image_by_path(it.rel_path)
+            if known is not None:
+                same = known.sha256 == it.sha256
+                report["skipped"].append([it.rel_path, "already in the project" if same else
+                                          "a different image with this path is already in the project"])
+                continue
+            added[it.rel_path] = project.add_image(it.abs_path, it.rel_path, role_of(it), width=it.width,
+                                                   height=it.height, sha256=it.sha256)
+    report["added"] += len(added)
+    return added
+
+
+def _new_report(root) -> dict:
+    return {"root": str(Path(root).resolve()), "added": 0, "labels": 0, "skipped": [], "duplicates": []}
+
+
+def import_folder(project: Project, root, good: bool = False, on_progress: ProgressFn = no_progress,
+                  cancel: Optional[CancelToken] = None) -> dict:
+    """Add every readable image under ``root``; unreadable ones are listed with the reason."""
+    if not Path(root).is_dir():
+        raise PipelineError(f"no folder at {root}")
+    scan = F.scan_folder(str(root), on_progress=on_progress, cancel=cancel)
+    report = _new_report(root)
+    report["skipped"] += [list(s) for s in scan.skipped]
+    report["duplicates"] = scan.duplicates
+    _add_items(project, scan.items, lambda it: F.ROLE_GOOD if good else F.ROLE_LABEL, report)
+    report["role"] = F.ROLE_GOOD if good else F.ROLE_LABEL
+    return report
+
+
+def import_mvtec(project: Project, root, with_labels: bool = False, on_progress: ProgressFn = no_progress,
+                 cancel: Optional[CancelToken] = None) -> dict:
+    """train/good -> good; test/** -> to label; ground truth as reviewer-checked labels when asked."""
+    try:
+        scan = F.scan_mvtec(str(root), with_labels=with_labels, on_progress=on_progress, cancel=cancel)
+    except F.NotMvtecError as exc:
+        raise PipelineError(str(exc)) from exc
+    report = _new_report(root)
+    report["skipped"] += [list(s) for s in scan.skipped]
+    report["duplicates"] = scan.duplicates
+    report["missing_masks"] = scan.missing_masks
+    added = _add_items(project, scan.items, lambda it: it.role, report)
+    if with_labels:
+        review = Review(project)
+        for it in scan.items:
+            if it.rel_path in added and it.labelled:
+                try:
+                    mask, classes = it.load_label()
+                except ImageError as exc:
+                    report["skipped"].append([it.rel_path, f"label not imported: {exc.reason}"])
+                    continue
+                review.import_label(added[it.rel_path], mask, classes)
+                report["labels"] += 1
+    return report
+
+
+def import_masks(project: Project, mask_dir) -> dict:
+    """Set current labels from mask PNGs matched by relative path (taken as reviewer-checked)."""
+    if not Path(mask_dir).is_dir():
+        raise PipelineError(f"no mask folder at {mask_dir}")
+    images = {i.rel_path: i for i in project.images()}
+    match = F.match_masks(str(mask_dir), list(images))
+    report = _new_report(mask_dir)
+    report["unmatched_masks"] = match.unmatched
+    report["skipped"] += [[m, f"mask could belong to several images: {', '.join(r)}"] for m, r in match.ambiguous.items()]
+
+    def loader(rel: str):
+        img = images[rel]
+        return lambda: (load_mask(match.matched[rel], (img.width, img.height)), match.region_classes.get(rel) or None)
+
+    _set_labels(project, images, {rel: loader(rel) for rel in sorted(match.matched)}, report)
+    return report
+
+
+def import_labels(project: Project, source, fmt: str) -> dict:
+    """Set current labels from a COCO JSON (``fmt="coco"``) or a labelme folder."""
+    if fmt not in ("coco", "labelme"):
+        raise PipelineError(f"label format must be coco or labelme, got {fmt!r}")
+    if not Path(source).exists():
+        raise PipelineError(f"no {fmt} labels at {source}")
+    labels = F.import_coco(str(source)) if fmt == "coco" else F.import_labelme(str(source))
+    images = {i.rel_path: i for i in project.images()}
+    report = _new_report(source)
+    report["skipped"] += [[rel, "no image with this path in the project"] for rel in labels if rel not in images]
+    _set_labels(project, images, {rel: (lambda v=v: v) for rel, v in labels.items() if rel in images}, report)
+    return report
+
+
+def _set_labels(project: Project, images: dict, loaders: dict, report: dict) -> None:
+    review = Review(project)
+    for rel, load in loaders.items():
+        img = images[rel]
+        if img.role == F.ROLE_GOOD:
+            report["skipped"].append([rel, "a good (defect-free) training image takes no label"])
+            continue
+        try:
+            mask, classes = load()
+            review.import_label(img.id, mask, classes)
+        except (ImageError, ProjectError, ValueError) as exc:
+            report["skipped"].append([rel, str(exc)])
+            continue
+        report["labels"] += 1
+
+
+def format_import_report(report: dict) -> str:
+    lines = [f"{report['added']} images added, {report['labels']} labels set from {report['root']}"]
+    for rel, why in report["skipped"]:
+        lines.append(f"  skipped {rel}: {why}")
+    for group in report.get("duplicates", []):
+        lines.append(f"  identical files: {', '.join(group)}")
+    for rel in report.get("unmatched_masks", []):
+        lines.append(f"  mask matches no image: {rel}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- status and flags
+
+
+def status_counts(project: Project) -> dict:
+    review = Review(project)
+    return {"phase": review.phase(), "loop_finished": review.loop_finished(), "counts": review.counts()}
+
+
+def status(project: Project) -> dict:
+    rounds = project.rounds()
+    open_flags: dict[int, list[str]] = {}
+    for f in project.flags(unresolved_only=True):
+        open_flags.setdefault(f.image_id, []).append(f.rule)
+    images = []
+    for img in project.images():
+        label = project.current_label(img.id)
+        images.append({
+            "path": img.rel_path, "role": img.role, "state": img.state, "anomaly_score": img.anomaly_score,
+            "label_area": None if label is None else label.area, "flags": open_flags.get(img.id, []),
+        })
+    return {"round": rounds[-1].number if rounds else 0, **status_counts(project), "images": images}
+
+
+def format_status(st: dict) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in st["counts"].items() if v)
+    head = f"round {st['round']} · phase {st['phase']} · {counts}"
+    if st["loop_finished"]:
+        head += " · loop finished: ready to export"
+    rows = [f"{i['state']:<12} {_fmt(i['anomaly_score']):>7} {str(i['label_area'] or ''):>7}  {i['path']}"
+            + (f"  [{', '.join(i['flags'])}]" if i["flags"] else "") for i in st["images"]]
+    return "\n".join([head, f"{'state':<12} {'score':>7} {'area':>7}  path", *rows])
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def flag_list(project: Project, all_rounds: bool = False) -> list[dict]:
+    """Open flags (or every flag), most suspicious first, with their numbers."""
+    paths = {i.id: i.rel_path for i in project.images()}
+    return [{"path": paths[f.image_id], "rule": f.rule, "suspicion": f.suspicion, "round": f.round, "id": f.id,
+             "resolved": f.resolved, **f.numbers}
+            for f in project.flags(unresolved_only=not all_rounds)]
+
+
+def format_flags(flags: list[dict]) -> str:
+    if not flags:
+        return "no open flags"
+    out = []
+    for f in flags:
+        if f["rule"] == "iou":
+            why = f"IoU {f['iou']:.2f} < {f['threshold']} (label {f['label_area']} px, predicted {f['pred_area']} px)"
+        else:
+            why = (f"{f['operation']} of votes {f['aggregate']:.2f} vs threshold {f['threshold']:.2f}, "
+                   f"predicted area {f['pred_area']} px, votes {f['votes']}")
+        out.append(f"{f['suspicion']:.2f}  {f['rule']:<12} {f['path']}: {why}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- export
+
+EXPORTERS = {"masks": F.export_masks, "mvtec": F.export_mvtec, "labelme": F.export_labelme, "coco": F.export_coco}
+
+
+def export_records(project: Project) -> list[F.ExportRecord]:
+    records = []
+    for img in project.images():
+        label = project.current_label(img.id)
+        records.append(F.ExportRecord(
+            img.rel_path, img.source, img.width, img.height, img.role,
+            mask=None if label is None else label.mask,
+            region_classes=() if label is None else [c or F.DEFAULT_CLASS for c in label.classes],
+        ))
+    return records
+
+
+def export_project(project: Project, out, fmt: str, on_progress: ProgressFn = no_progress,
+                   cancel: Optional[CancelToken] = None) -> dict:
+    """Export every image's current label. Accepted labels are written unchanged."""
+    if fmt not in EXPORTERS:
+        raise PipelineError(f"format must be one of {', '.join(EXPORTERS)}, got {fmt!r}")
+    records = export_records(project)
+    kwargs = {"on_progress": on_progress, "cancel": cancel}
+    if fmt == "coco":
+        out = Path(out)
+        out = out if out.suffix == ".json" else out / "annotations.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["class_names"] = [c.name for c in project.classes()]
+    summary = EXPORTERS[fmt](records, str(out), **kwargs)
+    result = dict(vars(summary))
+    result["loop_finished"] = Review(project).loop_finished()
+    return result

@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from annotator.core import masks as M
+from annotator.core.demo_fabric import write_demo_mvtec
+from annotator.core.images import load_mask
+from annotator.core.review import Review
+from annotator.core.store import Project
+from annotator.pipeline import PipelineError, project_io
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    write_demo_mvtec(root, n_train_good=3, n_test_good=2, n_per_defect=1, size=48, seed=1,
+                     kinds=("hole", "mis_yarn", "stain"))
+    return root
+
+
+def test_import_mvtec_roles_and_paths(tmp_path, mvtec):
+    with Project.create(tmp_path / "p") as p:
+        report = project_io.import_mvtec(p, mvtec)
+        assert report["added"] == 3 + 2 + 3 and report["labels"] == 0
+        roles = {i.rel_path: i.role for i in p.images()}
+        assert roles["train/good/000.png"] == "good"
+        assert roles["test/hole/000.png"] == "label" and roles["test/good/001.png"] == "label"
+        # importing again adds nothing and loses nothing
+        again = project_io.import_mvtec(p, mvtec)
+        assert again["added"] == 0 and len(again["skipped"]) == 8
+
+
+def test_import_mvtec_with_labels_sets_reviewer_checked_labels(tmp_path, mvtec):
+    with Project.create(tmp_path / "p") as p:
+        report = project_io.import_mvtec(p, mvtec, with_labels=True)
+        assert report["labels"] == 5  # 3 defective + 2 test/good
+        img = p.image_by_path("test/hole/000.png")
+        label = p.current_label(img.id)
+        truth = load_mask(mvtec / "ground_truth/hole/000_mask.png")
+        assert np.array_equal(label.mask, truth) and label.source == "import"
+        assert set(label.classes) == {"hole"} and img.state == "prechecked"
+        assert "stain" in {c.name for c in p.classes()}  # user-defined class added on the fly
+
+
+def test_import_folder_lists_bad_files_and_keeps_going(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    cv2.imwrite(str(src / "a.png"), np.full((20, 30, 3), 128, np.uint8))
+    cv2.imwrite(str(src / "sub" / "b.png"), np.full((20, 30), 50, np.uint8))
+    (src / "broken.png").write_bytes(b"not an image at all")
+    (src / "empty.jpg").write_bytes(b"")
+    with Project.create(tmp_path / "p") as p:
+        report = project_io.import_folder(p, src, good=True)
+        assert report["added"] == 2
+        assert sorted(r for r, _ in report["skipped"]) == ["broken.png", "empty.jpg"]
+        assert {i.rel_path for i in p.images(role="good")} == {"a.png", "sub/b.png"}
+        with pytest.raises(PipelineError, match="no folder"):
+            project_io.import_folder(p, tmp_path / "missing")
+
+
+def test_labels_from_mask_folder_wrong_size_is_skipped(tmp_path, mvtec):
+    masks = tmp_path / "masks" / "test" / "hole"
+    masks.mkdir(parents=True)
+    m = np.zeros((48, 48), np.uint8)
+    m[10:20, 10:20] = 255
+    cv2.imwrite(str(masks / "000_mask.png"), m)
+    (tmp_path / "masks" / "test" / "stain").mkdir()
+    cv2.imwrite(str(tmp_path / "masks" / "test" / "stain" / "000_mask.png"), np.zeros((10, 10), np.uint8))
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, mvtec)
+        report = project_io.import_masks(p, tmp_path / "masks")
+        assert report["labels"] == 1
+        assert len(report["skipped"]) == 1 and "test/stain/000.png" in report["skipped"][0][0]
+        label = p.current_label(p.image_by_path("test/hole/000.png").id)
+        assert label.area == 100
+
+
+@pytest.mark.parametrize("fmt", ["masks", "mvtec", "coco", "labelme"])
+def test_export_import_round_trip_loses_nothing(tmp_path, mvtec, fmt):
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, mvtec, with_labels=True)
+        review = Review(p)
+        img = p.image_by_path("test/hole/000.png")
+        two = p.current_label(img.id).mask.copy()
+        two[2:6, 2:6] = True  # a second region, with its own class
+        review.replace_mask(img.id, two, None)
+        regions = M.label_regions(two)[1]
+        classes = ["broken_needle" if r.bbox[:2] == (2, 2) else "hole" for r in regions]
+        review.set_class(img.id, 1, classes[0])
+        before = {i.rel_path: (p.current_label(i.id).mask, p.current_label(i.id).classes)
+                  for i in p.images(role="label")}
+        out = tmp_path / "out"
+        project_io.export_project(p, out, fmt)
+    with Project.create(tmp_path / "q") as q:
+        if fmt == "mvtec":
+            project_io.import_mvtec(q, out, with_labels=True)
+        else:
+            project_io.import_mvtec(q, mvtec)
+            if fmt == "masks":
+                project_io.import_masks(q, out)
+            else:
+                src = out / "annotations.json" if fmt == "coco" else out
+                report = project_io.import_labels(q, src, fmt)
+                assert report["labels"] >= 3
+        for rel, (mask, cls) in before.items():
+            img = q.image_by_path(rel)
+            assert img is not None, rel
+            label = q.current_label(img.id)
+            if not mask.any() and fmt in ("coco", "labelme") and label is None:
+                continue  # formats without images for empty labels
+            assert np.array_equal(label.mask, mask), rel
+            if fmt != "masks" or mask.any():
+                assert tuple(label.classes) == tuple(cls), (rel, label.classes, cls)
+
+
+def test_status_json_shape(tmp_path, mvtec):
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, mvtec)
+        st = project_io.status(p)
+    assert st["round"] == 0 and st["phase"] == "precheck"
+    paths = {i["path"] for i in st["images"]}
+    assert "test/hole/000.png" in paths
+    one = st["images"][0]
+    assert set(one) >= {"path", "state", "anomaly_score", "label_area", "flags"}
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "annotator", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_light_verbs_end_to_end(tmp_path, mvtec):
+    proj = tmp_path / "p"
+    assert run_cli("init", proj).returncode == 0
+    r = run_cli("import", proj, "--mvtec", mvtec, "--with-labels")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(run_cli("status", proj, "--json").stdout)
+    assert {i["state"] for i in st["images"] if i["path"].startswith("test/")} == {"prechecked"}
+    assert json.loads(run_cli("flags", proj, "--json").stdout) == []
+    out = tmp_path / "masks"
+    r = run_cli("export", proj, out, "--format", "masks")
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert "test/hole/000_mask.png" in written and not any(w.startswith("train/") for w in written)
+    assert np.array_equal(load_mask(out / "test/hole/000_mask.png"), load_mask(mvtec / "ground_truth/hole/000_mask.png"))
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path):
+    r = run_cli("status", tmp_path / "nothing")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "error" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "project.sqlite").write_bytes(b"garbage" * 100)
+    r = run_cli("status", bad)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    r = run_cli("init", bad)
+    assert r.returncode == 1 and "already" in r.stderr
