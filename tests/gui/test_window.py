@@ -1,0 +1,381 @@
+"""The real window driven offscreen through a whole review round on a tiny project, with
+the real pipeline (model 1, the checkers, export), plus cancel, close-while-running and
+an unreadable image. Waits are on signals, never on sleeps."""
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QEvent, QPointF, QSettings, Qt
+from PySide6.QtGui import QMouseEvent
+from PySide6.QtWidgets import QApplication, QPushButton
+
+from annotator.core.demo_fabric import write_demo_mvtec
+from annotator.core.flags import FlagRules
+from annotator.core.store import Project
+from annotator.gui.main_window import MainWindow
+from annotator.gui.session import CheckOptions
+from annotator.pipeline import project_io
+
+JOB_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fabric") / "data"
+    write_demo_mvtec(root, n_train_good=8, n_test_good=3, n_per_defect=1, size=64)
+    return root
+
+
+@pytest.fixture
+def project_dir(fabric, tmp_path) -> Path:
+    with Project.create(tmp_path / "proj") as p:
+        project_io.import_mvtec(p, fabric)
+    return tmp_path / "proj"
+
+
+@pytest.fixture
+def window(qtbot, tmp_path):
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.resize(1300, 850)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    if w.jobs.busy():
+        with qtbot.waitSignal(w.jobs.all_ended, timeout=JOB_TIMEOUT_MS):
+            w.jobs.cancel_all()
+    w.close()
+
+
+def tiny_checks(threshold: float) -> CheckOptions:
+    """Real checkers, trained for a few steps on 32 px crops: fast on 2 cores. The flag
+    threshold makes the outcome certain: 1.01 flags every image, 0.0 none."""
+    from annotator.ml.checkers import CheckerConfig
+
+    config = CheckerConfig(crop_size=32, batch_size=4, steps=6, tile_size=64, tile_overlap=16, device="cpu",
+                           decoder_width=8, full_res_width=4)
+    return CheckOptions(variant="iou", folds=2, rules=FlagRules(iou_threshold=threshold), checker_config=config)
+
+
+def run_job(qtbot, window, start) -> object:
+    job = start()
+    assert job is not None, window.last_error
+    outcome = {}
+    job.succeeded.connect(lambda r: outcome.setdefault("ok", r))
+    job.failed.connect(lambda m: outcome.setdefault("failed", m))
+    with qtbot.waitSignal(job.ended, timeout=JOB_TIMEOUT_MS):
+        pass
+    assert "failed" not in outcome, outcome.get("failed")
+    return outcome.get("ok")
+
+
+# ---------------------------------------------------------------- mouse on the canvas
+
+
+def mouse(canvas, kind, x, y, button=Qt.MouseButton.LeftButton, buttons=None):
+    p = canvas.viewportTransform().map(QPointF(x, y))
+    ev = QMouseEvent(kind, p, canvas.viewport().mapToGlobal(p), button,
+                     button if buttons is None else buttons, Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(canvas.viewport(), ev)
+
+
+def drag(canvas, points):
+    left, none = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton
+    mouse(canvas, QEvent.Type.MouseButtonPress, *points[0])
+    for x, y in points[1:]:
+        mouse(canvas, QEvent.Type.MouseMove, x, y, none, left)
+    mouse(canvas, QEvent.Type.MouseButtonRelease, *points[-1], left, none)
+
+
+def empty_row(mask) -> int:
+    """A row y whose band y-8..y+8, x 12..48 holds no label yet (room to paint)."""
+    for y in range(10, mask.shape[0] - 10):
+        if not mask[y - 8:y + 9, 12:49].any():
+            return y
+    raise AssertionError("no empty band to paint in")
+
+
+def trigger(window, ident):
+    window.actions[ident].trigger()
+
+
+# ---------------------------------------------------------------- the whole round
+
+
+@pytest.mark.slow
+def test_a_whole_round_through_the_window(qtbot, window, project_dir, tmp_path):
+    assert window.open_project(project_dir)
+    review = window.session.review
+    assert window.queue.model.rowCount() == 0 and "Pre-label" in window.queue.done.text()
+
+    # 1. pre-label (model 1) as a background job
+    summary = run_job(qtbot, window, window.run_prelabel)
+    assert summary["prelabelled"] == 10
+    assert review.phase() == "precheck" and window.queue.model.rowCount() == 10
+    assert window.current_id == window.queue.model.items[0].image_id
+    assert window.show_image(window.queue.model.items[-1].image_id)  # least anomalous: room to paint
+    first = window.current_id
+    canvas = window.canvas
+
+    # 2. paint, erase, undo, redo with real mouse events
+    trigger(window, "tool.brush")
+    canvas.set_brush_size(6)
+    canvas.zoom_to(6.0)
+    before = canvas.working_mask().copy()
+    y = empty_row(before)
+    with qtbot.waitSignal(canvas.mask_edited):
+        drag(canvas, [(20, y), (30, y), (40, y)])
+    painted = canvas.working_mask().copy()
+    assert painted[y, 20:41].all() and painted.sum() > before.sum() and window.dirty
+    trigger(window, "tool.eraser")
+    canvas.set_brush_size(4)
+    with qtbot.waitSignal(canvas.mask_edited):
+        drag(canvas, [(30, y - 6), (30, y + 6)])
+    erased = canvas.working_mask().copy()
+    assert not erased[y, 30] and erased[y, 20]
+    trigger(window, "edit.undo")
+    np.testing.assert_array_equal(canvas.working_mask(), painted)
+    trigger(window, "edit.redo")
+    np.testing.assert_array_equal(canvas.working_mask(), erased)
+
+    # 3. select a region and set its class with the class button
+    trigger(window, "tool.select")
+    with qtbot.waitSignal(canvas.region_selected):
+        drag(canvas, [(21, y)])
+    index = canvas.selected_region()
+    assert index >= 1
+    button = window.regions.buttons.findChild(QPushButton, "class:hole")
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    assert canvas.region_classes()[index - 1] == "hole"
+
+    # 4. accept: the edited mask and its class are saved through Review, and we move on
+    trigger(window, "review.accept")
+    saved = window.session.project.current_label(first)
+    np.testing.assert_array_equal(saved.mask, erased)
+    assert "hole" in saved.classes and review.state(first) == "prechecked"
+    assert window.current_id != first and not window.dirty
+
+    # 5. pre-check the rest from the keyboard: accept as is, one marked defect-free
+    window.activateWindow()
+    qtbot.waitActive(window)
+    good_one = window.current_id
+    trigger(window, "review.mark_good")
+    assert window.session.project.current_label(good_one).area == 0
+    while window.queue.model.rowCount():
+        trigger(window, "review.accept")
+    assert review.counts()["prechecked"] == 10
+
+    # 6. a check round that flags every image (threshold above any IoU)
+    window.session.check_options = tiny_checks(1.01)
+    summary = run_job(qtbot, window, window.run_check)
+    assert summary["flagged"] == 10 and review.phase() == "check"
+    assert window.queue.model.rowCount() == 10 and window.current_id == window.queue.model.items[0].image_id
+    assert window.flags.views and window.flags.views[0].title.startswith("Label and checkers")
+    numbers = dict(window.flags.views[0].numbers)
+    assert {"IoU", "Predicted area", "Checkers that voted", "Round"} <= set(numbers)
+    assert window.status_area.badge.text().startswith("ROUND")
+
+    # 7. work through the flags: one takes the checkers' mask, the rest are accepted
+    taken = window.current_id
+    canvas.select_region(0)
+    trigger(window, "review.accept_prediction")
+    assert window.session.project.current_label(taken).source == "checker"
+    while window.queue.model.rowCount():
+        trigger(window, "review.accept")
+    assert not window.session.project.flags(unresolved_only=True)
+
+    # 8. a check round that raises no flag finishes the loop
+    window.session.check_options = tiny_checks(0.0)
+    run_job(qtbot, window, window.run_check)
+    assert review.loop_finished() and review.phase() == "done"
+    assert window.status_area.badge.text() == "LOOP FINISHED"
+    assert window.queue.done.isVisible() and "Loop finished" in window.queue.done.text()
+
+    # 9. export
+    out = tmp_path / "export"
+    result = run_job(qtbot, window, lambda: window.export(str(out), "mvtec"))
+    assert result["loop_finished"] and any(out.rglob("*.png"))
+
+
+# ---------------------------------------------------------------- jobs, errors, restore
+
+
+@pytest.mark.slow
+def test_cancel_a_running_prelabel_job(qtbot, window, project_dir):
+    window.open_project(project_dir)
+    job = window.run_prelabel()
+    seen = []
+    job.cancelled.connect(lambda: seen.append("cancelled"))
+    job.succeeded.connect(lambda r: seen.append("succeeded"))
+    assert window.actions["jobs.cancel"].isEnabled() and window.status_area.cancel.isVisible()
+    with qtbot.waitSignal(job.ended, timeout=JOB_TIMEOUT_MS):
+        window.status_area.cancel.click()
+    assert seen == ["cancelled"]
+    assert not window.jobs.busy() and window.actions["jobs.prelabel"].isEnabled()
+    assert "cancelled" in window.statusBar().currentMessage()
+
+
+@pytest.mark.slow
+def test_closing_the_window_while_a_job_runs_cancels_and_waits(qtbot, window, project_dir):
+    window.open_project(project_dir)
+    job = window.run_prelabel()
+    with qtbot.waitSignal(window.closed, timeout=JOB_TIMEOUT_MS):
+        window.close()
+    assert job.outcome in ("cancelled", "succeeded")
+    assert not window.jobs.busy()
+    assert not [t for t in threading.enumerate() if t.name.startswith("job:") or "QThread" in t.name]
+
+
+def test_an_unreadable_image_shows_an_error_and_the_app_keeps_working(qtbot, window, fabric, tmp_path):
+    shutil.copytree(fabric, tmp_path / "own")  # the shared images stay intact for the other tests
+    with Project.create(tmp_path / "own-proj") as p:
+        project_io.import_mvtec(p, tmp_path / "own")
+        images = p.images(role="label")
+    project_dir = tmp_path / "own-proj"
+    broken, fine = images[0], images[1]
+    Path(broken.source).write_bytes(b"this is not a PNG")
+    window.open_project(project_dir)
+    with qtbot.waitSignal(window.error_shown) as sig:
+        assert not window.show_image(broken.id)
+    assert "Cannot" in window.statusBar().currentMessage() and broken.source in sig.args[0]
+    assert window.show_image(fine.id) and window.current_id == fine.id
+
+
+def test_reopening_restores_the_image_and_an_unsaved_edit(qtbot, window, project_dir, tmp_path):
+    window.open_project(project_dir)
+    target = window.session.project.images(role="label")[2].id
+    window.show_image(target)
+    trigger(window, "tool.brush")
+    window.canvas.set_brush_size(5)
+    with qtbot.waitSignal(window.canvas.mask_edited):
+        drag(window.canvas, [(10, 10), (20, 12)])
+    edited = window.canvas.working_mask().copy()
+    window._write_draft()  # what the draft timer does 1.5 s after an edit
+    window.dirty = False  # as if the app died before saving: only the draft holds the edit
+    window.close()
+
+    again = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(again)
+    again.show()
+    assert again.open_project(project_dir)
+    assert again.current_id == target and again.dirty
+    np.testing.assert_array_equal(again.canvas.working_mask(), edited)
+    assert "Restored" in again.statusBar().currentMessage()
+    again.close()
+
+
+def test_a_broken_project_is_refused_with_a_message(qtbot, window, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "project.sqlite").write_bytes(b"garbage, not SQLite")
+    with qtbot.waitSignal(window.error_shown):
+        assert not window.open_project(bad)
+    assert window.session is None
+
+
+def test_keys_drive_the_review_when_the_window_is_active(qtbot, window, project_dir):
+    from PySide6.QtTest import QTest
+
+    window.open_project(project_dir)
+    ids = [i.id for i in window.session.project.images(role="label")]
+    window.show_image(ids[0])
+    window.activateWindow()
+    qtbot.waitActive(window)
+    window.canvas.setFocus()
+    QTest.keyClick(window.canvas, Qt.Key.Key_E)  # eraser
+    assert window.canvas.tool() == "eraser" and window.actions["tool.eraser"].isChecked()
+    with qtbot.waitSignal(window.image_shown):
+        QTest.keyClick(window.canvas, Qt.Key.Key_G)  # mark defect-free
+    assert window.session.review.state(ids[0]) == "prechecked"
+    assert window.session.project.current_label(ids[0]).area == 0
+
+
+def test_cheat_sheet_lists_every_action_and_a_changed_key_is_kept(qtbot, window, tmp_path):
+    from annotator.gui.actions import CheatSheetDialog
+
+    dialog = CheatSheetDialog(window.actions, window.settings, window)
+    qtbot.addWidget(dialog)
+    texts = [row[0] for row in dialog.rows() if row[0]]
+    assert {"Accept label", "Accept checker prediction", "Mark defect-free", "Next image", "Undo", "Redo",
+            "Brush", "Heat map"} <= set(texts)
+    accept = next(row for row in dialog.rows() if row[0] == "Accept label")
+    assert accept[1].startswith("A")
+    dialog.set_shortcut("review.accept", "Ctrl+Return")
+    assert window.actions["review.accept"].shortcut().toString() == "Ctrl+Return"
+    again = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(again)
+    assert again.actions["review.accept"].shortcut().toString() == "Ctrl+Return"
+    dialog.restore_defaults()
+    assert window.actions["review.accept"].shortcut().toString() == "A"
+
+
+def test_browser_filters_sorts_and_caches_thumbnails(qtbot, window, project_dir):
+    from annotator.gui.browser import FILTERS, THUMB_DIR
+
+    window.open_project(project_dir)
+    browser = window.browser
+    assert browser.model.rowCount() == 18
+    labels = [label for label, _ in FILTERS]
+    browser.filter.setCurrentIndex(labels.index("Defect-free (training)"))
+    assert browser.model.rowCount() == 8 and "8 of 18" in browser.count.text()
+    browser.filter.setCurrentIndex(0)
+    browser.search.setText("hole")
+    assert browser.model.rowCount() == 1
+    browser.search.clear()
+    window.left_tabs.setCurrentWidget(browser)
+    thumbs = window.session.path / THUMB_DIR
+    qtbot.waitUntil(lambda: thumbs.is_dir() and len(list(thumbs.glob("*.png"))) >= 8, timeout=30_000)
+    with qtbot.waitSignal(browser.image_activated):
+        browser.view.clicked.emit(browser.model.index(3))
+    assert window.current_id == browser.model.data(browser.model.index(3), Qt.ItemDataRole.UserRole).id
+
+
+def test_flag_texts_and_loop_summary_are_plain_words():
+    from annotator.core.store import Flag
+    from annotator.gui.review_panel import describe_flag
+    from annotator.gui.status_area import loop_summary
+
+    iou = Flag(1, 1, 3, "iou", {"iou": 0.42, "iou_exact": 0.4, "threshold": 0.8, "tolerance_px": 1, "label_area": 120,
+                                "pred_area": 80, "voters": [0, 2], "regions": [{"index": 1, "iou": 0.42, "area": 120}]},
+               0.58, False, None, "", None)
+    v = describe_flag(iou)
+    assert "0.42" in v.reason and "0.80" in v.reason and dict(v.numbers)["Checkers that voted"] == "#1, #3"
+    missed = Flag(2, 1, 3, "missed_label", {"votes": {"0": 0.9, "1": 0.7}, "operation": "mean", "aggregate": 0.8,
+                                            "threshold": 0.5, "area_threshold": 15, "pred_area": 40}, 0.8, False, None,
+                  "", None)
+    m = describe_flag(missed)
+    assert m.title.startswith("Checkers see a defect") and dict(m.numbers)["Checker #2"] == "p = 0.70"
+    assert loop_summary({"flagged": 2, "accepted": 5, "prechecked": 1}, "check", 4) == (
+        "ROUND 4 · CHECKING", "1 pre-checked · 2 flagged · 5 accepted · 3 remaining")
+    assert loop_summary({"accepted": 9}, "done", 5)[0] == "LOOP FINISHED"
+
+
+def test_a_new_project_from_an_mvtec_tree_imports_as_a_job(qtbot, window, fabric, tmp_path):
+    from annotator.gui.dialogs import NewProjectRequest, validate_new_project
+
+    req = NewProjectRequest(str(tmp_path / "new"), "mvtec", mvtec_root=str(fabric))
+    assert validate_new_project(req) is None
+    assert "train/ and test/" in validate_new_project(NewProjectRequest(str(tmp_path / "x"), "mvtec", str(tmp_path)))
+    assert "defect-free" in validate_new_project(NewProjectRequest(str(tmp_path / "y"), "folders", label_dir=str(fabric)))
+    job = window.create_project(req)
+    with qtbot.waitSignal(job.ended, timeout=JOB_TIMEOUT_MS):
+        pass
+    counts = window.session.review.counts()
+    assert counts["good"] == 8 and counts["new"] == 10
+    assert window.browser.model.rowCount() == 18 and "images added" in window.statusBar().currentMessage()
+    assert window.remembered.recent()[0] == str((tmp_path / "new").resolve())
+
+
+@pytest.mark.slow
+def test_a_failed_job_reaches_the_person_as_a_message(qtbot, window, project_dir):
+    window.open_project(project_dir)  # nothing pre-checked yet: the checkers cannot train
+    job = window.run_check()
+    with qtbot.waitSignal(window.error_shown, timeout=JOB_TIMEOUT_MS) as sig:
+        pass
+    assert "pre-checked images" in sig.args[0] and job.outcome == "failed"
+    assert window.session.review.counts()["new"] == 10  # nothing was changed
