@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("mvtec", "coco", "labelme", "masks"), required=True)
 
     p = sub.add_parser("bench", help="benchmarks on demo data")
-    p.add_argument("what", choices=("prelabel", "checkers", "loop"))
+    p.add_argument("what", choices=("prelabel", "checkers", "loop", "ui"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data, for a smoke run")
     p.set_defaults(fn=cmd_bench)

@@ -32,6 +32,9 @@ class FlagRules:
     # ring of 3-5 px (the patent's expanded/shrunk labels) must still be caught, which
     # bounds the radius at 1. Chosen by `annotator bench checkers`.
     iou_tolerance_px: int = 1
+    # Predicted regions smaller than this are checker noise: the IoU rule ignores them, so
+    # a few stray pixels on a defect-free label do not top the review queue.
+    min_pred_region_px: int = 10
     # Variant B: how N probabilities become one target probability.
     operation: str = "mean"
     # Wrong label: target probability < threshold while the label marks a defect.
@@ -86,7 +89,8 @@ def aggregate(probs: Mapping[object, float], operation: str) -> float:
 
 def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()) -> Optional[Flag]:
     """Variant A. Flags when the (tolerant) IoU of label vs prediction < threshold."""
-    label, pred = M.as_bool(label), M.as_bool(pred)
+    label = M.as_bool(label)
+    pred = M.remove_small_regions(pred, rules.min_pred_region_px)
     score = M.tolerant_iou(label, pred, rules.iou_tolerance_px)
     regions = [
         {"index": r.index, "area": r.area, "bbox": list(r.bbox), "iou": round(v, 4)}

@@ -69,3 +69,11 @@ def test_bad_operation():
         FlagRules(operation="max")
     with pytest.raises(ValueError):
         aggregate({}, "mean")
+
+
+def test_iou_rule_ignores_stray_predicted_pixels():
+    empty = np.zeros((64, 64), bool)
+    pred = empty.copy()
+    pred[10:12, 10:13] = True  # 6 px of checker noise
+    assert iou_flag(empty, pred, FlagRules(min_pred_region_px=10)) is None
+    assert iou_flag(empty, pred, FlagRules(min_pred_region_px=1)) is not None

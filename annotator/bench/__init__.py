@@ -1,0 +1,1 @@
+"""Benchmarks: they measure and report; speed goals live here, never in timed tests."""

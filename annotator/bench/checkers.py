@@ -1,0 +1,127 @@
+"""``annotator bench checkers``: how well the flags catch label errors.
+
+Ground-truth labels of generated fabric (several weaves) get one error of the patent's four
+kinds (missing region, false region, ring expanded 3-5 px, ring shrunk 3-5 px) in
+``error_rate`` of the images; the checkers train on these noisy labels (as they would on a
+person's pre-check) and every rule variant flags out-of-fold. Reports precision and recall
+of the flags against the injected errors, per kind and per variant.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from annotator.core import masks as M
+from annotator.core.demo_fabric import write_demo_mvtec
+from annotator.core.flags import FlagRules, iou_flag, probability_flag
+from annotator.core.images import load_image, load_mask
+from annotator.core.label_noise import ERROR_KINDS, inject_error
+
+VARIANTS = {
+    "iou_exact": ("iou", FlagRules(iou_tolerance_px=0)),
+    "iou_tol1": ("iou", FlagRules(iou_tolerance_px=1)),
+    "iou_tol2": ("iou", FlagRules(iou_tolerance_px=2)),
+    "ensemble_mean": ("ensemble", FlagRules(operation="mean")),
+    "ensemble_sum": ("ensemble", FlagRules(operation="sum")),
+    "both_tol1_mean": ("both", FlagRules(iou_tolerance_px=1, operation="mean")),
+    "both_exact_mean": ("both", FlagRules(iou_tolerance_px=0, operation="mean")),
+}
+
+
+def load_demo(root: Path) -> tuple[dict, dict]:
+    images, truth = {}, {}
+    for p in sorted((root / "test").rglob("*.png")):
+        rel = p.relative_to(root).as_posix()
+        images[rel] = load_image(p)
+        gt = root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+        truth[rel] = load_mask(gt) if gt.is_file() else np.zeros(images[rel].shape[:2], bool)
+    return images, truth
+
+
+def inject(truth: dict, error_rate: float, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Noisy copy of the labels and {key: error kind} for the images given an error."""
+    keys = sorted(truth)
+    chosen = rng.choice(len(keys), size=max(1, round(error_rate * len(keys))), replace=False)
+    noisy, errors = dict(truth), {}
+    for n, idx in enumerate(sorted(chosen)):
+        key = keys[idx]
+        kind = ERROR_KINDS[n % len(ERROR_KINDS)] if truth[key].any() else "false"
+        wrong = inject_error(truth[key], kind, rng)
+        if M.iou(wrong, truth[key]) < 1.0:
+            noisy[key], errors[key] = wrong, kind
+    return noisy, errors
+
+
+def flagged_by(variant: str, labels: dict, checks: dict) -> set:
+    which, rules = VARIANTS[variant]
+    out = set()
+    for key, check in checks.items():
+        if which in ("iou", "both") and iou_flag(labels[key], check.pred_mask, rules) is not None:
+            out.add(key)
+        if which in ("ensemble", "both") and probability_flag(
+                check.probs, bool(labels[key].any()), check.pred_area, rules) is not None:
+            out.add(key)
+    return out
+
+
+def score(flagged: set, errors: dict, n_images: int) -> dict:
+    hit = flagged & set(errors)
+    per_kind = {k: [0, 0] for k in ERROR_KINDS}
+    for key, kind in errors.items():
+        per_kind[kind][1] += 1
+        per_kind[kind][0] += key in hit
+    return {
+        "flagged": len(flagged), "errors": len(errors), "caught": len(hit),
+        "precision": round(len(hit) / len(flagged), 3) if flagged else None,
+        "recall": round(len(hit) / len(errors), 3) if errors else None,
+        "false_alarm_rate": round(len(flagged - hit) / max(1, n_images - len(errors)), 3),
+        "recall_by_kind": {k: (round(c / t, 3) if t else None) for k, (c, t) in per_kind.items()},
+    }
+
+
+def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_per_defect: int = 6,
+        size: int = 256, error_rate: float = 0.2, folds: int = 3, scheme: str = "disjoint", seed: int = 0,
+        checker_config=None) -> dict:
+    from annotator.ml.checkers import CheckerConfig, run_checkers
+
+    if quick:
+        styles, n_test_good, n_per_defect, size = styles[:1], 6, 2, 128
+        checker_config = checker_config or CheckerConfig(steps=60)
+    config = checker_config or CheckerConfig()
+    rng = np.random.default_rng(seed)
+    totals = {v: {"flagged": set(), "errors": {}} for v in VARIANTS}
+    per_style, n_total, fit_s = {}, 0, 0.0
+    for s_i, style in enumerate(styles):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_demo_mvtec(tmp, style=style, n_train_good=1, n_test_good=n_test_good,
+                             n_per_defect=n_per_defect, size=size, seed=seed + 101 * s_i)
+            images, truth = load_demo(Path(tmp))
+        noisy, errors = inject(truth, error_rate, rng)
+        started = time.perf_counter()
+        result = run_checkers(images, noisy, n_models=folds, scheme=scheme, config=config, seed=seed)
+        fit_s += time.perf_counter() - started
+        pred_iou = float(np.mean([M.iou(result.checks[k].pred_mask, truth[k]) for k in truth if truth[k].any()]))
+        per_style[style] = {"images": len(images), "pred_iou_vs_truth_defective": round(pred_iou, 3)}
+        for v in VARIANTS:
+            flagged = flagged_by(v, noisy, result.checks)
+            per_style[style][v] = score(flagged, errors, len(images))
+            totals[v]["flagged"] |= {(style, k) for k in flagged}
+            totals[v]["errors"].update({(style, k): kind for k, kind in errors.items()})
+        n_total += len(images)
+    overall = {v: score(t["flagged"], t["errors"], n_total) for v, t in totals.items()}
+    return {"benchmark": "checkers", "images": n_total, "error_rate": error_rate, "folds": folds, "scheme": scheme,
+            "styles": list(styles), "size": size, "steps_per_checker": config.steps,
+            "seconds_train_and_score": round(fit_s, 1), "overall": overall, "per_style": per_style}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"checkers benchmark: {r['images']} images ({', '.join(r['styles'])}), {r['error_rate']:.0%} with an"
+             f" injected error, {r['folds']} checkers ({r['scheme']}), {r['seconds_train_and_score']} s",
+             f"{'variant':<16} {'precision':>9} {'recall':>7} {'flagged':>8}  recall by kind"]
+    for v, s in r["overall"].items():
+        kinds = " ".join(f"{k}={x}" for k, x in s["recall_by_kind"].items())
+        lines.append(f"{v:<16} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
+    return "\n".join(lines)

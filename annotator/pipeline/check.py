@@ -1,0 +1,65 @@
+"""Verb ``check``: train the checkers (model 2) on the pre-checked labels and flag the
+suspicious ones (spec 003, claims 3-8)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from annotator.core.flags import FlagRules, iou_flag, probability_flag
+from annotator.core.images import load_image
+from annotator.core.jobs import CancelToken, ProgressFn, no_progress
+from annotator.core.review import Review
+from annotator.core.store import FlagSpec, Project
+
+from . import PipelineError
+
+VARIANTS = ("iou", "ensemble", "both")
+CHECKABLE = ("prechecked", "flagged", "accepted")
+
+
+def flags_for(label_mask, check, variant: str, rules: FlagRules) -> list[FlagSpec]:
+    """Apply the flag rules of ``variant`` to one image's out-of-fold checker result."""
+    specs = []
+    if variant in ("iou", "both"):
+        f = iou_flag(label_mask, check.pred_mask, rules)
+        if f is not None:
+            specs.append(FlagSpec(f.rule, f.suspicion, {**f.numbers, "voters": list(check.voters)}, check.pred_mask))
+    if variant in ("ensemble", "both"):
+        f = probability_flag(check.probs, bool(label_mask.any()), check.pred_area, rules)
+        if f is not None:
+            specs.append(FlagSpec(f.rule, f.suspicion, f.numbers, check.pred_mask))
+    return specs
+
+
+def check_project(project: Project, variant: str = "both", folds: int = 3, scheme: str = "disjoint",
+                  rules: FlagRules = FlagRules(), checker_config=None, seed: int = 0,
+                  on_progress: ProgressFn = no_progress, cancel: Optional[CancelToken] = None) -> dict:
+    """One check round over every image a person has pre-checked.
+
+    The checkers train on those images' current labels (the patent's "all training
+    samples"); each image is judged only by checkers that did not train on it.
+    """
+    from annotator.ml.checkers import CheckerConfig, run_checkers
+
+    if variant not in VARIANTS:
+        raise PipelineError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    review = Review(project)
+    targets = [i for s in CHECKABLE for i in project.images(role="label", state=s)]
+    waiting = len(project.images(role="label", state="prelabelled")) + len(project.images(role="label", state="new"))
+    if len(targets) < max(folds, 2) * 2:
+        raise PipelineError(
+            f"the checkers need at least {max(folds, 2) * 2} pre-checked images, the project has {len(targets)}"
+            f" ({waiting} still wait for a person's pre-check)")
+    images = {t.id: load_image(t.source) for t in targets}
+    current = {t.id: project.current_label(t.id) for t in targets}
+    labels = {i: label.mask for i, label in current.items()}
+    run = run_checkers(images, labels, n_models=folds, scheme=scheme, config=checker_config or CheckerConfig(),
+                       seed=seed, on_progress=on_progress, cancel=cancel)
+    # An image edited while the checkers trained is not judged on its old label: it stays
+    # pre-checked and is covered by the next round.
+    unchanged = [i for i in images if project.current_label(i).id == current[i].id]
+    flags_by_image = {i: flags_for(labels[i], run.checks[i], variant, rules) for i in unchanged}
+    rnd = review.start_check_round()
+    summary = review.record_check_results(rnd, flags_by_image)
+    summary.update(round=rnd, variant=variant, waiting_for_precheck=waiting,
+                   edited_during_check=len(images) - len(unchanged))
+    return summary

@@ -1,0 +1,91 @@
+"""Verb ``prelabel``: fit model 1 on the project's good images, pre-label the rest."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Optional
+
+from annotator.core.images import ImageError, load_image
+from annotator.core.jobs import CancelToken, Cancelled, ProgressFn, check_cancel, no_progress
+from annotator.core.review import Review
+from annotator.core.store import Project
+
+from . import PipelineError
+
+MIN_GOOD = 4  # below this, held-out calibration of the thresholds is meaningless
+
+
+def _load(project: Project, image_id: int):
+    img = project.image(image_id)
+    try:
+        return load_image(img.source)
+    except ImageError as exc:
+        raise PipelineError(f"{img.rel_path}: {exc}") from exc
+
+
+def fit_model1(project: Project, config=None, on_progress: ProgressFn = no_progress,
+               cancel: Optional[CancelToken] = None):
+    """Fit model 1 on exactly the images marked good; store it as a model run."""
+    from annotator.ml.prelabel import PrelabelConfig, fit_prelabeller
+
+    config = config or PrelabelConfig()
+    goods = project.images(role="good")
+    if len(goods) < MIN_GOOD:
+        raise PipelineError(
+            f"model 1 needs at least {MIN_GOOD} defect-free images, the project has {len(goods)}; "
+            "add some with `annotator import PROJECT DIR --good`")
+    images = []
+    for k, g in enumerate(goods):
+        check_cancel(cancel)
+        images.append(_load(project, g.id))
+        on_progress(k + 1, len(goods), "loading good images")
+    started = time.perf_counter()
+    model = fit_prelabeller(images, config, on_progress=on_progress, cancel=cancel)
+    fit_s = time.perf_counter() - started
+    folder = project.new_model_dir(config.method)
+    model.save(folder)
+    metrics = {"fit_seconds": round(fit_s, 2), "n_good": len(goods), **getattr(model, "metrics", {})}
+    project.add_model_run("prelabel", config.method, folder, config=asdict(config), metrics=metrics)
+    return model
+
+
+def prelabel_project(project: Project, config=None, on_progress: ProgressFn = no_progress,
+                     cancel: Optional[CancelToken] = None, refit: bool = True) -> dict:
+    """Pre-label every image not yet touched by a person (state new or prelabelled).
+
+    Each image's result is committed on its own, so a cancel or a crash keeps the work
+    done so far; images a person already checked are never overwritten.
+    """
+    review = Review(project)
+    targets = project.images(role="label", state="new") + project.images(role="label", state="prelabelled")
+    if not targets:
+        return {"prelabelled": 0, "defective": 0, "note": "nothing to pre-label"}
+    model = fit_model1(project, config, on_progress, cancel) if refit else load_model1(project)
+    rnd = review.start_prelabel_round()
+    done = defective = 0
+    try:
+        for k, rec in enumerate(targets):
+            check_cancel(cancel)
+            result = model.predict([_load(project, rec.id)])[0]
+            with project.transaction():
+                review.record_prelabel(rnd, rec.id, result.mask, None, result.score, result.is_defect)
+                project.set_heatmap(rec.id, result.heatmap)
+            done += 1
+            defective += bool(result.is_defect)
+            on_progress(k + 1, len(targets), "pre-labelling")
+    finally:
+        summary = review.end_prelabel_round(rnd)
+    summary.update(prelabelled_now=done, defective_now=defective)
+    return summary
+
+
+def load_model1(project: Project):
+    from annotator.ml.prelabel import Prelabeller
+
+    runs = project.model_runs("prelabel")
+    if not runs:
+        raise PipelineError("no model 1 in this project yet; run `annotator prelabel PROJECT` first")
+    return Prelabeller.load(runs[-1].folder)
+
+
+__all__ = ["prelabel_project", "fit_model1", "load_model1", "Cancelled"]

@@ -1,0 +1,127 @@
+"""The verbs on a tiny real project: model 1 trains on the good images only, the checkers
+judge out-of-fold, flags go back to the reviewer, the loop ends only on a clean round."""
+import numpy as np
+import pytest
+
+from annotator.core.demo_fabric import write_demo_mvtec
+from annotator.core.flags import FlagRules
+from annotator.core.review import Review
+from annotator.core.store import Project
+from annotator.pipeline import PipelineError, project_io
+from annotator.pipeline.demo import truth_masks
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fabric")
+    write_demo_mvtec(root, n_train_good=8, n_test_good=3, n_per_defect=1, size=64, seed=3,
+                     kinds=("hole", "stain", "knot"))
+    return root
+
+
+def small_prelabel():
+    from annotator.ml.prelabel import PrelabelConfig
+
+    return PrelabelConfig(tile=64, tile_overlap=0)
+
+
+def small_checkers():
+    from annotator.ml.checkers import CheckerConfig
+
+    return CheckerConfig(steps=15, crop_size=64, batch_size=4, tile_size=64, tile_overlap=0)
+
+
+def test_model1_fits_on_good_images_only(tmp_path, data, monkeypatch):
+    import annotator.ml.prelabel as P
+    from annotator.pipeline import prelabel as verb
+
+    seen = []
+    real_fit = P.fit_prelabeller
+
+    def spy(images, config, **kw):
+        seen.extend(img.copy() for img in images)
+        return real_fit(images, config, **kw)
+
+    monkeypatch.setattr(P, "fit_prelabeller", spy)
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        summary = verb.prelabel_project(p, small_prelabel())
+        goods = [verb._load(p, g.id) for g in p.images(role="good")]
+        assert len(seen) == len(goods) == 8
+        assert all(any(np.array_equal(s, g) for g in goods) for s in seen)
+        assert summary["prelabelled"] == 6
+        states = {i.state for i in p.images(role="label")}
+        assert states == {"prelabelled"}
+        img = p.images(role="label")[0]
+        assert p.heatmap(img.id).shape == (64, 64) and img.anomaly_score is not None
+        assert p.model_runs("prelabel")
+
+
+def test_prelabel_needs_good_images(tmp_path, data):
+    from annotator.pipeline.prelabel import prelabel_project
+
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_folder(p, data / "test")
+        with pytest.raises(PipelineError, match="defect-free"):
+            prelabel_project(p)
+
+
+def test_cancel_keeps_what_was_done(tmp_path, data):
+    from annotator.core.jobs import CancelToken, Cancelled
+    from annotator.pipeline.prelabel import prelabel_project
+
+    token = CancelToken()
+    calls = []
+
+    def progress(done, total, msg):
+        calls.append(msg)
+        if msg == "pre-labelling" and done == 2:
+            token.cancel()
+
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        with pytest.raises(Cancelled):
+            prelabel_project(p, small_prelabel(), on_progress=progress, cancel=token)
+        states = [i.state for i in p.images(role="label")]
+        assert states.count("prelabelled") == 2 and states.count("new") == 4
+        assert p.rounds("prelabel")[-1].ended is not None
+    with Project.open(tmp_path / "p") as p:  # reopens fine, resumes the rest
+        prelabel_project(p, small_prelabel())
+        assert {i.state for i in p.images(role="label")} == {"prelabelled"}
+
+
+def test_check_round_flags_wrong_labels_and_loop_ends_on_clean_round(tmp_path, data):
+    from annotator.pipeline.check import check_project
+
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        truth = truth_masks(p, data)
+        ids = sorted(truth)
+        wrong = ids[0]
+        for i in ids:  # pre-check: the truth, except one image labelled wildly wrong
+            mask = truth[i].copy()
+            if i == wrong:
+                mask = ~mask
+            review.replace_mask(i, mask)
+        with pytest.raises(PipelineError, match="at least"):
+            check_project(p, folds=4, checker_config=small_checkers())
+        summary = check_project(p, variant="iou", folds=2, checker_config=small_checkers(),
+                                rules=FlagRules(iou_tolerance_px=1))
+        assert summary["checked"] == 6
+        flagged = {f.image_id for f in p.flags(unresolved_only=True)}
+        assert wrong in flagged
+        flag = p.flags(unresolved_only=True, image_id=wrong)[0]
+        assert flag.numbers["iou"] < 0.8 and flag.numbers["voters"]
+        assert flag.pred_mask is not None and flag.pred_mask.shape == (64, 64)
+        assert not review.loop_finished()
+        # the reviewer works through the flags; a round that still flags keeps the loop open
+        for q in review.queue():
+            review.replace_mask(q.image_id, truth[q.image_id])
+        lenient = FlagRules(iou_threshold=0.0, operation="mean", wrong_threshold_mean=0.0,
+                            missed_threshold_mean=1.1)
+        check_project(p, variant="both", folds=2, checker_config=small_checkers(), rules=lenient)
+        assert review.loop_finished()
+        assert {i.state for i in p.images(role="label")} == {"accepted"}
