@@ -148,23 +148,26 @@ def cmd_demo(a) -> int:
 
     bar = _Bar(a.quiet)
     try:
-        report = run_demo(a.project, size=a.size, seed=a.seed, on_progress=bar, log=print)
+        report = run_demo(a.project, size=a.size, seed=a.seed, headless=a.headless, on_progress=bar,
+                          log=print if not (a.headless and a.json) else (lambda s: None))
     finally:
         bar.close()
     if a.headless:
-        _print_json(report) if a.json else None
+        if a.json:
+            _print_json(report)
+        else:
+            st = report["status"]
+            counts = ", ".join(f"{k} {v}" for k, v in st["counts"].items() if v)
+            print(f"phase {st['phase']}: {counts}. Next: `annotator flags {a.project}` or open the app with "
+                  f"`annotator demo --project {a.project}`")
         return 0
     return _open_gui(a.project)
 
 
-def _open_gui(project: str) -> int:
-    try:
-        from annotator.gui.app import main as gui_main
-    except ImportError:
-        print("the desktop app is not part of this build yet; the demo project is ready at "
-              f"{project} (use `annotator status {project}`)", file=sys.stderr)
-        return 0
-    return gui_main([project])
+def _open_gui(project: Optional[str]) -> int:
+    from annotator.gui.app import main as gui_main
+
+    return gui_main([project] if project else [])
 
 
 def cmd_bench(a) -> int:
@@ -256,6 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from annotator.core.store import ProjectError
     from annotator.pipeline import PipelineError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `annotator` / `python -m annotator` alone: the desktop app
+        return _open_gui(None)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
