@@ -1,0 +1,746 @@
+"""Model 1 of spec 003: the unsupervised pre-labeller.
+
+Trained on defect-free ("good") images only. Default method PatchCore: locally aware
+patch features of EfficientNet-Lite0 (``blocks.2`` + ``blocks.4``, offline ImageNet
+weights), a memory bank of good patches chosen by greedy k-center coreset, and the
+distance of every test patch to its nearest good patch as the anomaly map. Option
+``method="padim"``: one Gaussian of the patch features and the Mahalanobis distance.
+
+1. Images of any size are cut into ``tile`` windows at native resolution (optionally
+   rescaled by ``scale``), so a 4096-px-wide web image keeps its 2-px lines.
+2. The good images are split (seeded) into a *fit* part, which builds the model, and a
+   *holdout* part, which is scored by it to calibrate the image and pixel thresholds.
+   No defective image is needed or used, anywhere.
+3. The map is blurred; image score = max of the map; mask = map above the pixel
+   threshold, cleaned, and optionally refined to the pixels whose colour departs from
+   the local fabric (thin lines get thin masks); empty when the image is judged good.
+
+Used by the GUI / CLI through :func:`fit_prelabeller`, :meth:`Prelabeller.predict`,
+:meth:`Prelabeller.save` and :meth:`Prelabeller.load`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
+from annotator.core.masks import remove_small_regions
+from annotator.ml.backbone import STAGES, create_lite0_features, normalise, pick_device
+
+FORMAT = "annotator.prelabel"
+FORMAT_VERSION = 1
+CONFIG_FILE = "prelabeller.json"
+TENSORS_FILE = "prelabeller.pt"
+METHODS = ("patchcore", "padim")
+
+
+@dataclass(frozen=True)
+class PrelabelConfig:
+    """Settings of model 1. The defaults were chosen by ``annotator.bench.prelabel`` on
+    the demo fabrics (5 styles, 7 defect kinds); see the comments for the reasons."""
+
+    # --- model
+    method: str = "patchcore"  # "patchcore" (nearest good patch) or "padim" (Gaussian, Mahalanobis)
+    # Lite0 stages. blocks.0 + blocks.1 (stride 2 and 4, 40 channels) beat blocks.2 + blocks.4 (stride 8 and 16)
+    # on the demo fabrics: pixel AUROC +0.05..0.09 on all 5 styles, image AUROC better on knits, a little worse
+    # on plain / satin; thin lines and knots need the fine grid. The backbone is also cut after blocks.1 (cheap).
+    layers: tuple[str, ...] = ("blocks.0", "blocks.1")
+    backbone_weights: Optional[str] = None  # None: the offline default of annotator.ml.backbone
+    grid_stride: int = 4  # px between patches; 0 = the finest layer's stride (other maps are resized to it)
+    pool: int = 3  # "locally aware" average pooling of each stage's map (odd; 1 = none)
+    # --- geometry
+    tile: int = 256  # window at native resolution; a 256x256 image is one tile
+    tile_overlap: int = 32  # px shared by neighbouring tiles; their maps are blended with ramps
+    context: int = 0  # px of surrounding image fed with each tile (mirrored past the image edge) and cut off
+    #                   after feature extraction (multiple of 16). It removes the frame of raised scores the
+    #                   CNN's zero padding leaves along image edges, but the mirrored fabric costs more than it
+    #                   gains (rib: image AUROC 0.80 -> 0.68 with 16 px), so it is off by default
+    scale: float = 1.0  # resize factor before tiling (e.g. 0.5 for oversampled images); results are full size
+    # --- PatchCore memory bank (greedy k-center coreset)
+    coreset_ratio: float = 0.1  # keep this share of the collected patches (PatchCore / anomalib default) ...
+    coreset_max: int = 10_000  # ... but at most this many: NN search cost grows with the bank
+    coreset_presample: int = 100_000  # random cap on the patches collected from the fit images
+    coreset_proj_dim: int = 0  # >0: choose the coreset in a random projection of this width (0: full width)
+    # --- PaDiM
+    padim_features: int = 100  # random subset of the feature channels kept (PaDiM's dimension reduction)
+    padim_eps: float = 0.01  # ridge added to the covariance diagonal
+    # --- calibration on held-out good images (never on defective ones)
+    holdout_fraction: float = 0.2  # share of the good images kept out of the model to calibrate thresholds
+    min_holdout: int = 2  # at least this many holdout images
+    image_margin: float = 1.1  # image threshold = max holdout image score x margin
+    pixel_quantile: float = 0.999  # pixel threshold = this quantile of all holdout map values ...
+    pixel_margin: float = 1.0  # ... x this margin
+    refit_with_holdout: bool = False  # afterwards add the holdout patches to the bank (see fit_prelabeller)
+    # --- map and mask
+    blur_sigma: float = 4.0  # Gaussian blur of the anomaly map, px (after scale)
+    min_region_area: int = 16  # px; smaller mask regions are dropped
+    close_radius: int = 1  # px; morphological closing of the mask
+    refine: bool = True  # shrink the coarse mask to the pixels whose colour departs from the local fabric
+    # --- runtime
+    device: str = "auto"  # "auto": first CUDA GPU, else CPU
+    seed: int = 0
+    batch_size: int = 16  # tiles per forward pass
+    num_threads: int = 0  # torch CPU threads while working; 0 = torch's default (physical cores)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        unknown = [name for name in self.layers if name not in STAGES]
+        if not self.layers or unknown:
+            raise ValueError(f"layers must be Lite0 stages {list(STAGES)}, got {self.layers}")
+        if self.tile < 32 or not 0 <= self.tile_overlap < self.tile // 2:
+            raise ValueError("tile must be >= 32 and 0 <= tile_overlap < tile/2")
+        if self.context < 0 or self.context % 16:
+            raise ValueError("context must be a non-negative multiple of 16")
+        if not 0 < self.scale <= 4:
+            raise ValueError("scale must be in (0, 4]")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError("holdout_fraction must be in (0, 1)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrelabelConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "layers" in kwargs:
+            kwargs["layers"] = tuple(kwargs["layers"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class PrelabelResult:
+    """Model 1's output for one image."""
+
+    score: float  # image anomaly score (max of the map)
+    heatmap: np.ndarray  # float32 HxW, 1.0 == pixel threshold
+    mask: np.ndarray  # bool HxW; empty when not is_defect
+    is_defect: bool  # score > image threshold
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Use ``n`` intra-op threads inside the block (0: leave torch's setting)."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(old)
+
+
+def _check_image(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"images must be HxWx3 uint8 BGR, got {img.shape} {img.dtype}")
+    return img
+
+
+def _rescale(img: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def _starts(n: int, t: int, step: int) -> list[int]:
+    if n <= t:
+        return [0]
+    out = list(range(0, n - t + 1, step))
+    if out[-1] + t < n:
+        out.append(n - t)
+    return out
+
+
+def tile_grid(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(y, x, th, tw) windows covering an HxW image; the last row/column is shifted inwards."""
+    th, tw = min(tile, h), min(tile, w)
+    step = tile - overlap
+    return [(y, x, th, tw) for y in _starts(h, th, step) for x in _starts(w, tw, step)]
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    """1-D blending weights: 1 inside, a linear ramp over ``overlap`` px at both ends."""
+    if overlap <= 0:
+        return np.ones(n, np.float32)
+    i = np.arange(n, dtype=np.float32)
+    edge = np.minimum(i + 1, n - i) / float(overlap + 1)
+    return np.clip(edge, 0.05, 1.0).astype(np.float32)
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Rank-based area under the ROC curve (ties count half); nan when a class is missing."""
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(s.size, np.float64)
+    # average ranks over ties
+    bounds = np.flatnonzero(np.diff(s)) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [s.size]))
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ------------------------------------------------------------------- feature extractor
+
+
+class PatchEmbedder:
+    """Lite0 stages -> 3x3 average-pooled ("locally aware") patch features, deeper maps
+    upsampled bilinearly to the finest one, concatenated: (B, D, H/stride, W/stride)."""
+
+    def __init__(self, layers: Sequence[str], weights: Optional[str], device: torch.device, grid_stride: int = 0,
+                 pool: int = 3) -> None:
+        self.layers = tuple(sorted(layers, key=lambda name: STAGES[name][1]))
+        model = create_lite0_features(self.layers, weights=weights)
+        # the features_only model runs all 7 blocks; drop the ones after the deepest stage used
+        last = max(int(name.split(".")[1]) for name in self.layers)
+        model.blocks = model.blocks[: last + 1]
+        self.model = model.to(device).eval()
+        self.device = device
+        self.stride = grid_stride or STAGES[self.layers[0]][1]
+        self.pad_to = max(self.stride, max(STAGES[name][1] for name in self.layers))
+        self.dim = sum(STAGES[name][2] for name in self.layers)
+        self.pool = torch.nn.AvgPool2d(pool, 1, pool // 2) if pool > 1 else torch.nn.Identity()
+
+    def fingerprint(self) -> str:
+        """sha256 of the backbone weights in use (a saved bank is only valid with them)."""
+        h = hashlib.sha256()
+        for key, tensor in self.model.state_dict().items():
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def __call__(self, tiles_u8: np.ndarray, context: int = 0) -> torch.Tensor:
+        """(B, h + 2c, w + 2c, 3) uint8 BGR tiles with ``c = context`` px of surrounding image
+        -> (B, D, ceil(h/stride), ceil(w/stride)) float32 features of the inner h x w."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles_u8)).to(self.device)
+        x = normalise(x)
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+        feats = self.model(x)
+        out_hw = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
+        parts = []
+        for f in feats:
+            f = self.pool(f)
+            if f.shape[-2:] != out_hw:
+                f = F.interpolate(f, size=out_hw, mode="bilinear", align_corners=False)
+            parts.append(f)
+        emb = torch.cat(parts, 1)
+        off = context // self.stride
+        gh, gw = math.ceil((h - 2 * context) / self.stride), math.ceil((w - 2 * context) / self.stride)
+        return emb[:, :, off:off + gh, off:off + gw].float()
+
+
+# ------------------------------------------------------------------------ tile stream
+
+
+@dataclass
+class _TileJob:
+    image: int
+    y: int
+    x: int
+
+
+def _tile_batches(images: Sequence[np.ndarray], cfg: PrelabelConfig, cancel: Optional[CancelToken]
+                  ) -> Iterator[tuple[np.ndarray, list[_TileJob]]]:
+    """Batches of same-shaped tiles, in image order; cancel is checked per batch."""
+    buckets: dict[tuple[int, int], tuple[list[np.ndarray], list[_TileJob]]] = {}
+    c = cfg.context
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        padded = np.pad(img, ((c, c), (c, c), (0, 0)), mode="symmetric") if c else img
+        for y, x, th, tw in tile_grid(h, w, cfg.tile, cfg.tile_overlap):
+            tiles, jobs = buckets.setdefault((th, tw), ([], []))
+            tiles.append(padded[y:y + th + 2 * c, x:x + tw + 2 * c])
+            jobs.append(_TileJob(i, y, x))
+            if len(tiles) >= cfg.batch_size:
+                check_cancel(cancel)
+                yield np.stack(tiles), list(jobs)
+                tiles.clear()
+                jobs.clear()
+    for tiles, jobs in buckets.values():
+        if tiles:
+            check_cancel(cancel)
+            yield np.stack(tiles), list(jobs)
+
+
+def _count_tiles(images: Sequence[np.ndarray], cfg: PrelabelConfig) -> int:
+    return sum(len(tile_grid(im.shape[0], im.shape[1], cfg.tile, cfg.tile_overlap)) for im in images)
+
+
+# --------------------------------------------------------------------------- coreset
+
+
+def greedy_coreset(features: torch.Tensor, k: int, *, seed: int = 0, init_min_dist: Optional[torch.Tensor] = None,
+                   proj_dim: int = 0, block: int = 512, cancel: Optional[CancelToken] = None) -> torch.Tensor:
+    """Indices of ``k`` rows chosen by greedy k-center (farthest-point) selection.
+
+    The same selection as anomalib's ``KCenterGreedy`` (each step takes the point
+    farthest from all chosen ones), computed in blocks: take the ``block`` points with
+    the largest current distance, run the greedy steps among them with their small
+    pairwise-distance matrix, and stop the block as soon as the best candidate is no
+    farther than the best point outside the candidates (distances only shrink, so up to
+    then every pick is exactly the one the one-at-a-time loop would make). The distances
+    of all points are then updated once per block with one matrix product instead of
+    once per pick. ``init_min_dist``: squared distances to centres chosen before (to
+    extend an existing bank). ``proj_dim > 0``: select in a Gaussian random projection.
+    """
+    n = features.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    if k == n and init_min_dist is None:
+        return torch.arange(n)
+    z = features
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if 0 < proj_dim < z.shape[1]:
+        proj = torch.randn(z.shape[1], proj_dim, generator=gen).to(z.device) / math.sqrt(proj_dim)
+        z = z @ proj
+    sq = (z * z).sum(1)
+    if init_min_dist is None:
+        min_d = torch.full((n,), float("inf"), device=z.device)
+        first = int(torch.randint(n, (1,), generator=gen))
+        min_d = torch.minimum(min_d, (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0))
+        chosen = [first]
+        min_d[first] = 0
+    else:
+        min_d = init_min_dist.to(z.device).clone()
+        chosen = []
+    while len(chosen) < k:
+        check_cancel(cancel)
+        m = min(block + 1, n)
+        top_val, top_idx = torch.topk(min_d, m)
+        outside = float(top_val[-1]) if m < n else -1.0
+        cand, cand_d = top_idx[: m - 1] if m < n else top_idx, (top_val[: m - 1] if m < n else top_val).clone()
+        zc = z[cand]
+        pair = (sq[cand][:, None] - 2 * zc @ zc.T + sq[cand][None, :]).clamp_min_(0)
+        picks = []
+        cand_d_np = cand_d.cpu().numpy().astype(np.float64)
+        pair_np = pair.cpu().numpy()
+        while len(chosen) + len(picks) < k:
+            j = int(np.argmax(cand_d_np))
+            if cand_d_np[j] <= outside or cand_d_np[j] <= 0:
+                break
+            picks.append(j)
+            np.minimum(cand_d_np, pair_np[j], out=cand_d_np)
+        if not picks:  # the best point lies outside the candidates: take it alone
+            picks = [0]
+        new = cand[picks]
+        chosen.extend(int(i) for i in new)
+        _update_min_dist(z, sq, min_d, z[new], sq[new])
+        min_d[new] = 0
+        if float(min_d.max()) <= 0:
+            break
+    return torch.tensor(chosen[:k], dtype=torch.long)
+
+
+def _update_min_dist(z: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, centres: torch.Tensor,
+                     sq_centres: torch.Tensor, chunk: int = 16384) -> None:
+    """min_d = min(min_d, squared distance to the nearest of ``centres``), in row chunks
+    (one fused addmm per chunk instead of several passes over an N x b matrix)."""
+    for s in range(0, z.shape[0], chunk):
+        d = torch.addmm(sq_centres[None, :], z[s:s + chunk], centres.T, alpha=-2.0).min(1).values
+        d += sq[s:s + chunk]
+        torch.minimum(min_d[s:s + chunk], d.clamp_min_(0), out=min_d[s:s + chunk])
+
+
+def _nn_sqdist(query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Squared Euclidean distance of each query row to its nearest bank row."""
+    out = torch.empty(query.shape[0], device=query.device)
+    for s in range(0, query.shape[0], chunk):
+        q = query[s:s + chunk]
+        d = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0)
+        out[s:s + chunk] = (d.min(1).values + (q * q).sum(1)).clamp_min_(0)
+    return out
+
+
+# ------------------------------------------------------------------------ the model
+
+
+class Prelabeller:
+    """A fitted model 1. Build with :func:`fit_prelabeller` or :meth:`load`."""
+
+    def __init__(self, config: PrelabelConfig, state: dict[str, torch.Tensor], thresholds: dict,
+                 metrics: Optional[dict] = None, embedder: Optional[PatchEmbedder] = None) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.embedder = embedder or PatchEmbedder(config.layers, config.backbone_weights, self.device, config.grid_stride, config.pool)
+        self.state = {k: v.to(self.device) for k, v in state.items()}
+        self.thresholds = dict(thresholds)
+        self.metrics = dict(metrics or {})
+        if "bank" in self.state:
+            self.state["bank_sq"] = (self.state["bank"] ** 2).sum(1)
+
+    # ---- scoring
+    def _patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) embeddings -> (B, h, w) patch anomaly scores."""
+        b, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.config.method == "patchcore":
+            s = _nn_sqdist(q, self.state["bank"], self.state["bank_sq"]).sqrt_()
+        else:
+            q = q[:, self.state["channels"]] - self.state["mean"]
+            s = ((q @ self.state["inv_cov"]) * q).sum(1).clamp_min_(0).sqrt_()
+        return s.reshape(b, h, w)
+
+    def raw_maps(self, images: Sequence[np.ndarray], on_progress: Optional[ProgressFn] = None,
+                 cancel: Optional[CancelToken] = None, what: str = "pre-labelling") -> Iterator[tuple[int, np.ndarray]]:
+        """(index, float32 map at the input size) per image, as each image is finished."""
+        cfg = self.config
+        progress = on_progress or no_progress
+        originals = [_check_image(im) for im in images]
+        prepped = [_rescale(im, cfg.scale) for im in originals]
+        total = _count_tiles(prepped, cfg)
+        remaining = [len(tile_grid(p.shape[0], p.shape[1], cfg.tile, cfg.tile_overlap)) for p in prepped]
+        acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        done = 0
+        progress(0, total, what)
+        with _torch_threads(cfg.num_threads), torch.inference_mode():
+            for tiles, jobs in _tile_batches(prepped, cfg, cancel):
+                th, tw = tiles.shape[1] - 2 * cfg.context, tiles.shape[2] - 2 * cfg.context
+                scores = self._patch_scores(self.embedder(tiles, cfg.context)).cpu().numpy()
+                win = np.outer(_ramp(th, cfg.tile_overlap), _ramp(tw, cfg.tile_overlap))
+                for s, job in zip(scores, jobs):
+                    if job.image not in acc:
+                        h, w = prepped[job.image].shape[:2]
+                        acc[job.image] = (np.zeros((h, w), np.float32), np.zeros((h, w), np.float32))
+                    m = _upsample_patch_map(s, th, tw, self.embedder.stride)
+                    a, wsum = acc[job.image]
+                    a[job.y:job.y + th, job.x:job.x + tw] += m * win
+                    wsum[job.y:job.y + th, job.x:job.x + tw] += win
+                    remaining[job.image] -= 1
+                    if remaining[job.image] == 0:
+                        a, wsum = acc.pop(job.image)
+                        yield job.image, self._finish_map(a / wsum, originals[job.image].shape[:2])
+                done += len(jobs)
+                progress(done, total, f"{what}: {done}/{total} tiles")
+
+    def _finish_map(self, m: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+        if self.config.blur_sigma > 0:
+            m = cv2.GaussianBlur(m, (0, 0), self.config.blur_sigma, borderType=cv2.BORDER_REFLECT)
+        if m.shape != tuple(out_hw):
+            m = cv2.resize(m, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
+        return m.astype(np.float32, copy=False)
+
+    # ---- public
+    def predict(self, images: Sequence[np.ndarray], on_progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[PrelabelResult]:
+        """Score, heatmap and mask per image (any size, HxWx3 uint8 BGR)."""
+        images = list(images)
+        out: list[Optional[PrelabelResult]] = [None] * len(images)
+        for i, m in self.raw_maps(images, on_progress, cancel):
+            out[i] = self._result(_check_image(images[i]), m)
+        return out  # type: ignore[return-value]
+
+    def _result(self, image: np.ndarray, m: np.ndarray) -> PrelabelResult:
+        score = float(m.max())
+        is_defect = score > self.thresholds["image"]
+        heat = (m / self.thresholds["pixel"]).astype(np.float32)
+        if is_defect:
+            mask = self.mask_from_map(image, m)
+        else:
+            mask = np.zeros(m.shape, bool)
+        return PrelabelResult(score=score, heatmap=heat, mask=mask, is_defect=bool(is_defect))
+
+    def mask_from_map(self, image: np.ndarray, m: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        coarse = m > self.thresholds["pixel"]
+        mask = coarse
+        if cfg.refine and "colour" in self.thresholds:
+            mask = refine_mask(image, coarse, self.thresholds["colour"], cfg)
+        if cfg.close_radius > 0:
+            k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.close_radius + 1,) * 2)
+            mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
+        return remove_small_regions(mask, cfg.min_region_area)
+
+    # ---- persistence
+    def save(self, folder: os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu() for k, v in self.state.items() if k != "bank_sq"}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "thresholds": self.thresholds,
+            "metrics": self.metrics,
+            "backbone_sha256": self.embedder.fingerprint(),
+            "versions": _versions(),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp_pt, tmp_js = folder / (TENSORS_FILE + ".tmp"), folder / (CONFIG_FILE + ".tmp")
+        torch.save(tensors, tmp_pt)
+        tmp_js.write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
+        os.replace(tmp_pt, folder / TENSORS_FILE)
+        os.replace(tmp_js, folder / CONFIG_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, folder: os.PathLike, device: Optional[str] = None) -> "Prelabeller":
+        folder = Path(folder)
+        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{folder} does not hold a pre-labeller this version can read")
+        data = meta["config"]
+        if device is not None:
+            data = {**data, "device": device}
+        config = PrelabelConfig.from_dict(data)
+        state = torch.load(folder / TENSORS_FILE, map_location="cpu", weights_only=True)
+        model = cls(config, state, meta["thresholds"], meta.get("metrics"))
+        want = meta.get("backbone_sha256")
+        if want and want != model.embedder.fingerprint():
+            raise ValueError("the backbone weights differ from the ones this pre-labeller was fitted with")
+        return model
+
+
+def _upsample_patch_map(s: np.ndarray, th: int, tw: int, stride: int) -> np.ndarray:
+    """Patch grid -> pixels (bilinear, patch centres aligned), cropped to the tile."""
+    gh, gw = s.shape
+    up = cv2.resize(s.astype(np.float32), (gw * stride, gh * stride), interpolation=cv2.INTER_LINEAR)
+    return up[:th, :tw]
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def _versions() -> dict:
+    import timm
+
+    try:
+        from importlib.metadata import version
+
+        annotator_version = version("annotator")
+    except Exception:  # pragma: no cover - not installed
+        annotator_version = "dev"
+    return {"annotator": annotator_version, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------- refinement
+
+
+def colour_deviation(image: np.ndarray, radius: int = 7) -> np.ndarray:
+    """Per-pixel colour distance (Lab) from a median background of the surrounding fabric."""
+    lab = cv2.cvtColor(image, cv2.COLOR_BGR2LAB).astype(np.float32)
+    k = 2 * radius + 1
+    bg = cv2.medianBlur(cv2.cvtColor(image, cv2.COLOR_BGR2LAB), k).astype(np.float32)
+    return np.sqrt(((lab - bg) ** 2).sum(2))
+
+
+def refine_mask(image: np.ndarray, coarse: np.ndarray, colour_thr: float, cfg: PrelabelConfig) -> np.ndarray:
+    """Within the (dilated) coarse region keep the pixels whose colour departs from the
+    local fabric by more than ``colour_thr`` (calibrated on good images). Falls back to
+    the coarse region where that leaves too little (texture-only defects)."""
+    if not coarse.any():
+        return coarse
+    r = max(2, int(cfg.blur_sigma))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
+    region = cv2.dilate(coarse.astype(np.uint8), k).astype(bool)
+    dev = colour_deviation(image)
+    fine = region & (dev > colour_thr)
+    if fine.sum() < 0.05 * coarse.sum():
+        return coarse
+    return fine
+
+
+# -------------------------------------------------------------------------- fitting
+
+
+def split_good(n: int, cfg: PrelabelConfig) -> tuple[list[int], list[int]]:
+    """Seeded split of ``n`` good images into (fit, holdout) index lists."""
+    n_hold = max(cfg.min_holdout, int(round(cfg.holdout_fraction * n)))
+    if n - n_hold < 1:
+        raise ValueError(f"need at least {cfg.min_holdout + 1} good images, got {n}")
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    return sorted(int(i) for i in perm[n_hold:]), sorted(int(i) for i in perm[:n_hold])
+
+
+def _collect(embedder: PatchEmbedder, images: Sequence[np.ndarray], cfg: PrelabelConfig, per_tile: int,
+             rng: torch.Generator, progress: Callable[[int], None], cancel: Optional[CancelToken],
+             gauss: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """Patch features of good images: a random ``per_tile`` of each tile's patches
+    (PatchCore), or running sums for the Gaussian (PaDiM, ``gauss`` dict)."""
+    kept = []
+    for tiles, jobs in _tile_batches(images, cfg, cancel):
+        emb = embedder(tiles, cfg.context)
+        b, d, h, w = emb.shape
+        flat = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        if gauss is not None:
+            x = flat.reshape(-1, d)[:, gauss["channels"]].double()
+            gauss["n"] += x.shape[0]
+            gauss["sum"] += x.sum(0)
+            gauss["outer"] += x.T @ x
+        else:
+            if per_tile < h * w:
+                idx = torch.stack([torch.randperm(h * w, generator=rng)[:per_tile] for _ in range(b)]).to(flat.device)
+                flat = torch.gather(flat, 1, idx[:, :, None].expand(-1, -1, d))
+            kept.append(flat.reshape(-1, d))
+        progress(len(jobs))
+    return torch.cat(kept) if kept else None
+
+
+def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = PrelabelConfig(),
+                    on_progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Prelabeller:
+    """Fit model 1 on defect-free images only and calibrate its thresholds on a seeded
+    holdout of them. Progress is reported per batch of tiles; ``cancel`` is checked per
+    batch and raises :class:`~annotator.core.jobs.Cancelled`."""
+    cfg = config
+    progress = on_progress or no_progress
+    t0 = time.perf_counter()
+    originals = [_check_image(im) for im in good_images]
+    fit_idx, hold_idx = split_good(len(originals), cfg)
+    fit_imgs = [_rescale(originals[i], cfg.scale) for i in fit_idx]
+    hold_orig = [originals[i] for i in hold_idx]
+    hold_imgs = [_rescale(im, cfg.scale) for im in hold_orig]
+    device = pick_device(cfg.device)
+    n_fit_tiles, n_hold_tiles = _count_tiles(fit_imgs, cfg), _count_tiles(hold_imgs, cfg)
+    # fit tiles + holdout tiles (scored) + holdout tiles again when refitting
+    total = n_fit_tiles + n_hold_tiles * (2 if cfg.refit_with_holdout and cfg.method == "patchcore" else 1)
+    done = [0]
+
+    def step(msg: str) -> Callable[[int], None]:
+        def inner(n: int) -> None:
+            done[0] += n
+            progress(done[0], total, msg)
+        return inner
+
+    rng = torch.Generator().manual_seed(cfg.seed)
+    with _torch_threads(cfg.num_threads), torch.inference_mode():
+        embedder = PatchEmbedder(cfg.layers, cfg.backbone_weights, device, cfg.grid_stride, cfg.pool)
+        progress(0, total, "extracting features of good images")
+        # 1. the model, from the fit part only
+        if cfg.method == "patchcore":
+            per_tile = _patches_per_tile(embedder, cfg, n_fit_tiles)
+            feats = _collect(embedder, fit_imgs, cfg, per_tile, rng, step("features of good images"), cancel)
+            t_feat = time.perf_counter()
+            k = max(1, min(cfg.coreset_max, math.ceil(cfg.coreset_ratio * feats.shape[0])))
+            progress(done[0], total, f"choosing {k} of {feats.shape[0]} patches (coreset)")
+            idx = greedy_coreset(feats, k, seed=cfg.seed, proj_dim=cfg.coreset_proj_dim, cancel=cancel)
+            state = {"bank": feats[idx].contiguous()}
+            n_collected = int(feats.shape[0])
+            del feats
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            n_keep = min(cfg.padim_features, embedder.dim)
+            channels = torch.randperm(embedder.dim, generator=gen)[:n_keep].sort().values.to(device)
+            gauss = {"channels": channels, "n": 0, "sum": torch.zeros(n_keep, dtype=torch.float64, device=device),
+                     "outer": torch.zeros(n_keep, n_keep, dtype=torch.float64, device=device)}
+            _collect(embedder, fit_imgs, cfg, 0, rng, step("features of good images"), cancel, gauss)
+            t_feat = time.perf_counter()
+            state = _gaussian_state(gauss, cfg)
+            n_collected = gauss["n"]
+            per_tile = 0
+        t_model = time.perf_counter()
+        # 2. thresholds, from the holdout part only
+        model = Prelabeller(cfg, state, {"image": float("inf"), "pixel": 1.0}, embedder=embedder)
+        hold_maps: list = [None] * len(hold_imgs)
+        base = done[0]
+        for i, m in model.raw_maps(hold_orig, lambda d, t, s: progress(base + d, total, s), cancel,
+                                   what="calibrating on held-out good images"):
+            hold_maps[i] = m
+        done[0] = base + n_hold_tiles
+        thresholds, calib = calibrate(hold_maps, hold_orig, cfg)
+        model.thresholds = thresholds
+        # 3. optionally extend the bank with the holdout patches (a superset bank: every
+        #    score can only go down, so the thresholds stay valid upper bounds)
+        n_bank_fit = int(state["bank"].shape[0]) if "bank" in state else 0
+        if cfg.refit_with_holdout and cfg.method == "patchcore":
+            extra = _collect(embedder, hold_imgs, cfg, per_tile, rng, step("adding held-out patches"), cancel)
+            bank = model.state["bank"]
+            init = _nn_sqdist(extra, bank, model.state["bank_sq"])
+            k_extra = math.ceil(n_bank_fit * n_hold_tiles / max(1, n_fit_tiles))
+            idx = greedy_coreset(extra, k_extra, seed=cfg.seed + 1, init_min_dist=init, proj_dim=cfg.coreset_proj_dim,
+                                 cancel=cancel)
+            bank = torch.cat([bank, extra[idx]])
+            model.state["bank"] = bank
+            model.state["bank_sq"] = (bank ** 2).sum(1)
+    t_end = time.perf_counter()
+    model.metrics = {
+        "n_good": len(originals), "fit_indices": fit_idx, "holdout_indices": hold_idx,
+        "n_patches_collected": n_collected, "bank_size_fit": n_bank_fit,
+        "bank_size": int(model.state["bank"].shape[0]) if "bank" in model.state else 0,
+        "calibration": calib,
+        "seconds": {"features": round(t_feat - t0, 3), "model": round(t_model - t_feat, 3),
+                    "total": round(t_end - t0, 3)},
+        "device": str(device),
+    }
+    progress(total, total, "pre-labeller ready")
+    return model
+
+
+def _patches_per_tile(embedder: PatchEmbedder, cfg: PrelabelConfig, n_tiles: int) -> int:
+    """Random patches kept per tile so that about ``coreset_presample`` are collected over ``n_tiles``."""
+    grid = math.ceil(cfg.tile / embedder.stride) ** 2
+    return max(1, min(grid, math.ceil(cfg.coreset_presample / max(1, n_tiles))))
+
+
+def _gaussian_state(g: dict, cfg: PrelabelConfig) -> dict:
+    n = max(1, g["n"])
+    mean = g["sum"] / n
+    cov = (g["outer"] - n * torch.outer(mean, mean)) / max(1, n - 1)
+    cov += cfg.padim_eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    inv = torch.linalg.inv(cov)
+    return {"channels": g["channels"], "mean": mean.float(), "inv_cov": inv.float()}
+
+
+def calibrate(hold_maps: Sequence[np.ndarray], hold_images: Sequence[np.ndarray], cfg: PrelabelConfig
+              ) -> tuple[dict, dict]:
+    """Thresholds from the anomaly maps of held-out GOOD images only.
+
+    image: max holdout image score x ``image_margin`` -- PatchCore's max-of-map score has
+    a short right tail on good fabric, so the max over a few dozen good images sits near
+    the top of the good distribution and the 10 % margin covers images the holdout did not
+    sample. pixel: the ``pixel_quantile`` of all holdout pixels x ``pixel_margin``; it only
+    shapes masks of images already judged defective, so it may sit below the image
+    threshold and give the defect's whole extent.
+    """
+    scores = np.array([float(m.max()) for m in hold_maps])
+    pixels = np.concatenate([m.ravel() for m in hold_maps])
+    image_thr = float(scores.max() * cfg.image_margin)
+    pixel_thr = float(np.quantile(pixels, cfg.pixel_quantile) * cfg.pixel_margin)
+    pixel_thr = min(pixel_thr, image_thr)
+    thresholds = {"image": image_thr, "pixel": pixel_thr}
+    if cfg.refine:
+        dev = np.concatenate([colour_deviation(im).ravel() for im in hold_images])
+        thresholds["colour"] = float(np.quantile(dev, 0.999))
+    calib = {"holdout_scores": [round(float(s), 6) for s in scores],
+             "holdout_pixel_q": {str(q): float(np.quantile(pixels, q)) for q in (0.5, 0.99, 0.999, 1.0)}}
+    return thresholds, calib

@@ -1,0 +1,205 @@
+"""Checkers (model 2 of spec 003): one segmenter learns an obvious defect; the ensemble
+scores every image out-of-fold for both schemes; save/load, cancel and progress."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from annotator.core import masks as M
+from annotator.core.jobs import Cancelled, CancelToken
+from annotator.ml import checkers as C
+
+SIZE = 64
+FAST = C.CheckerConfig(crop_size=64, batch_size=8, steps=60, lr=5e-3, tile_size=64, tile_overlap=16, device="cpu")
+
+
+def fabric(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """A plain-weave-like texture: crossed sinusoids, random phase, sensor noise."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    p = rng.uniform(5.0, 7.0)
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    tex = 150 + 25 * np.sin(2 * np.pi * xx / p + ph[0]) * np.sin(2 * np.pi * yy / p + ph[1])
+    tex += rng.normal(0, 4, tex.shape)
+    return np.repeat(np.clip(tex, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def sample(rng: np.random.Generator, defect: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A fabric with a dark blob (or a dark 3-px line) and its exact mask."""
+    img = fabric(rng)
+    mask = np.zeros((SIZE, SIZE), bool)
+    if defect:
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        if rng.random() < 0.5:
+            cy, cx, r = *rng.integers(14, SIZE - 14, 2), rng.integers(6, 11)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        else:
+            x0 = int(rng.integers(8, SIZE - 11))
+            mask[:, x0:x0 + 3] = True
+        img[mask] = (img[mask] * 0.3).astype(np.uint8)
+    return img, mask
+
+
+def dataset(n: int, seed: int, good_every: int = 4) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    pairs = [sample(rng, defect=i % good_every != 0) for i in range(n)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def trained() -> C.Checker:
+    images, masks = dataset(12, seed=1)
+    return C.train_checker(images, masks, FAST)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> tuple[list, list]:
+    rng = np.random.default_rng(99)
+    pairs = [sample(rng) for _ in range(6)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def test_checker_learns_an_obvious_defect(trained, held_out):
+    images, truths = held_out
+    outs = trained.predict(images)
+    ious = [M.iou(o.mask, t) for o, t in zip(outs, truths)]
+    assert np.mean(ious) > 0.8, ious
+    assert all(o.prob_map.dtype == np.float32 and o.prob_map.shape == (SIZE, SIZE) for o in outs)
+    assert all(o.area == int(o.mask.sum()) for o in outs)
+    assert min(o.defect_prob for o in outs) > 0.5
+    good = trained.predict([fabric(np.random.default_rng(5))])[0]
+    assert good.defect_prob < 0.5 and good.area < 15
+
+
+def test_dilated_label_scores_lower_than_the_exact_one(trained, held_out):
+    images, truths = held_out
+    outs = trained.predict(images)
+    exact = [M.iou(t, o.mask) for o, t in zip(outs, truths)]
+    ringed = [M.iou(M.dilate(t, 4), o.mask) for o, t in zip(outs, truths)]
+    assert all(r < e for r, e in zip(ringed, exact)), (exact, ringed)
+    assert np.mean(ringed) < 0.8
+
+
+def test_prediction_on_larger_and_odd_sized_images_uses_tiles(trained):
+    rng = np.random.default_rng(7)
+    big = np.concatenate([np.concatenate([sample(rng)[0] for _ in range(2)], 1) for _ in range(2)], 0)[:117, :101]
+    out = trained.predict([big, big[:, :, 0]])
+    assert out[0].prob_map.shape == (117, 101)
+    np.testing.assert_allclose(out[0].prob_map, out[1].prob_map, atol=1e-6)  # grey == 3 equal channels
+
+
+def test_save_load_gives_identical_predictions(trained, held_out, tmp_path):
+    trained.save(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted([C.WEIGHTS_FILE, C.CONFIG_FILE])
+    loaded = C.Checker.load(tmp_path / "ck")
+    assert loaded.config == trained.config
+    a, b = trained.predict(held_out[0][:2]), loaded.predict(held_out[0][:2])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.prob_map, y.prob_map)
+        assert x.defect_prob == y.defect_prob
+
+
+def test_cancel_raises_and_progress_is_reported():
+    images, masks = dataset(3, seed=2)
+    calls, token = [], CancelToken()
+
+    def progress(done, total, msg):
+        calls.append((done, total))
+        if done == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        C.train_checker(images, masks, FAST, on_progress=progress, cancel=token)
+    assert calls[:3] == [(1, FAST.steps), (2, FAST.steps), (3, FAST.steps)] and len(calls) == 3
+
+
+def test_config_roundtrips_and_rejects_nonsense():
+    cfg = C.CheckerConfig(encoder_layers=["blocks.1", "blocks.2"], threshold=0.4)
+    assert C.CheckerConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError):
+        C.CheckerConfig(encoder_layers=("blocks.9",))
+    with pytest.raises(ValueError):
+        C.CheckerConfig(loss="mse")
+
+
+def test_image_probability_is_the_top_k_mean():
+    pm = np.zeros((20, 20), np.float32)
+    pm[0, :4] = 1.0
+    out = C.make_output(pm, threshold=0.5, topk_px=8)
+    assert out.defect_prob == pytest.approx(0.5) and out.area == 4
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+class _SpyChecker:
+    def __init__(self, model: int, log: dict) -> None:
+        self.model, self.log = model, log
+
+    def predict(self, images, on_progress=None, cancel=None):
+        self.log["scored"].setdefault(self.model, []).extend(int(i[0, 0, 0]) for i in images)
+        return [C.make_output(np.full(i.shape[:2], 0.1 * (self.model + 1), np.float32), 0.5, 16) for i in images]
+
+
+@pytest.mark.parametrize("scheme,n_models", [("disjoint", 3), ("disjoint", 2), ("kfold", 3), ("kfold", 4)])
+def test_out_of_fold_every_image_is_scored_only_by_models_that_did_not_train_on_it(monkeypatch, scheme, n_models):
+    log = {"trained": [], "scored": {}}
+
+    def spy_train(images, masks, config, on_progress=None, cancel=None):
+        log["trained"].append([int(i[0, 0, 0]) for i in images])  # pixel (0,0) encodes the image id
+        return _SpyChecker(len(log["trained"]) - 1, log)
+
+    monkeypatch.setattr(C, "train_checker", spy_train)
+    n = 11
+    images = {f"img{i}": np.full((8, 8, 3), i, np.uint8) for i in range(n)}
+    labels = {k: np.zeros((8, 8), bool) for k in images}
+    run = C.run_checkers(images, labels, n_models=n_models, scheme=scheme, config=FAST, seed=3)
+
+    # the subsets are pairwise disjoint and cover all images
+    flat = [k for s in run.subsets for k in s]
+    assert len(flat) == len(set(flat)) == n and set(flat) == set(images)
+    assert len(log["trained"]) == n_models
+    for key, check in run.checks.items():
+        i = int(key[3:])
+        assert check.voters and set(check.probs) == set(check.voters)
+        for m in check.voters:
+            assert i not in log["trained"][m] and i in log["scored"][m]
+        assert key in run.subsets[check.subset]
+        expected = n_models - 1 if scheme == "disjoint" else 1
+        assert len(check.voters) == expected
+        assert check.pred_prob_map.shape == (8, 8)
+        np.testing.assert_allclose(check.pred_prob_map, np.mean([0.1 * (m + 1) for m in check.voters]), rtol=1e-6)
+    for m in range(n_models):  # a model scores exactly the images it did not train on and votes for
+        assert not set(log["scored"][m]) & set(log["trained"][m])
+        assert sorted(log["scored"][m]) == sorted(int(k[3:]) for k, c in run.checks.items() if m in c.voters)
+    if scheme == "kfold":  # each model trains on every fold but its own
+        for m in range(n_models):
+            assert sorted(log["trained"][m]) == sorted(int(k[3:]) for j, s in enumerate(run.subsets) if j != m for k in s)
+    else:
+        assert [sorted(t) for t in log["trained"]] == [sorted(int(k[3:]) for k in s) for s in run.subsets]
+
+
+def test_plan_guard_rejects_an_in_fold_voter():
+    with pytest.raises(RuntimeError):
+        C._check_plan(["a", "b"], [["a"], ["b"]], [["a"], ["b"]], {"a": [0], "b": [0]})
+
+
+def test_run_checkers_end_to_end_with_progress_and_cancel():
+    images, masks = dataset(6, seed=4)
+    keys = [f"k{i}" for i in range(6)]
+    cfg = dataclasses.replace(FAST, steps=3)
+    calls = []
+    run = C.run_checkers(dict(zip(keys, images)), dict(zip(keys, masks)), n_models=2, config=cfg,
+                         on_progress=lambda d, t, m: calls.append((d, t)))
+    total = 2 * cfg.steps + 6
+    assert calls[-1] == (total, total) and [d for d, _ in calls] == list(range(1, total + 1))
+    assert len(run.checkers) == 2 and set(run.checks) == set(keys)
+    check = run.checks["k0"]
+    assert check.pred_mask.dtype == bool and check.pred_area == int(check.pred_mask.sum())
+
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        C.run_checkers(dict(zip(keys, images)), dict(zip(keys, masks)), n_models=2, config=cfg, cancel=token)
+    with pytest.raises(ValueError):
+        C.run_checkers(dict(zip(keys, images)), {"k0": masks[0]}, config=cfg)

@@ -1,0 +1,202 @@
+"""Model 1 of spec 003 (the pre-labeller): trained on good images only, thresholds from
+held-out good images only, a clear defect found and masked, save/load, cancel, progress,
+images of any size. Tiny images and a small config keep the file fast on 2 CPU cores."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from annotator.core import masks as M
+from annotator.core.demo_fabric import add_defect, random_spec, render_fabric
+from annotator.core.jobs import Cancelled, CancelToken
+from annotator.ml import prelabel as P
+
+SIZE = 96
+FAST = P.PrelabelConfig(tile=64, tile_overlap=16, coreset_max=2000, batch_size=8, device="cpu", num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return random_spec(np.random.default_rng(3), style="plain")
+
+
+def good_images(spec, n: int, seed: int, size=SIZE) -> list[np.ndarray]:
+    return [render_fabric(spec, np.random.default_rng([seed, i]), size) for i in range(n)]
+
+
+def with_hole(spec, seed: int, size=SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A good image with a clear defect (a hole: dark backing shows through) and its mask."""
+    img = render_fabric(spec, np.random.default_rng([seed, 7]), size)
+    out, mask = add_defect(img, "hole", np.random.default_rng(seed), spec)
+    return out, mask > 0
+
+
+@pytest.fixture(scope="module")
+def goods(spec):
+    return good_images(spec, 12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(goods):
+    return P.fit_prelabeller(goods, FAST)
+
+
+def _which(img: np.ndarray, pool: list[np.ndarray]) -> int:
+    hits = [i for i, g in enumerate(pool) if g.shape == img.shape and np.array_equal(g, img)]
+    return hits[0] if hits else -1
+
+
+def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, goods, spec):
+    """Spy on what builds the bank and what sets the thresholds: the bank gets exactly the
+    fit part of the good images, the calibration exactly the held-out part, and nothing else
+    (in particular no defective image) reaches the model while it is fitted."""
+    seen: dict[str, list] = {"collect": [], "calibrate": [], "tiles": []}
+    real_collect, real_calibrate, real_call = P._collect, P.calibrate, P.PatchEmbedder.__call__
+
+    def spy_collect(embedder, images, *a, **k):
+        seen["collect"].append([_which(im, goods) for im in images])
+        return real_collect(embedder, images, *a, **k)
+
+    def spy_calibrate(maps, images, cfg):
+        seen["calibrate"].append([_which(im, goods) for im in images])
+        return real_calibrate(maps, images, cfg)
+
+    def spy_call(self, tiles, context=0):
+        seen["tiles"].extend(np.asarray(tiles).copy())
+        return real_call(self, tiles, context)
+
+    monkeypatch.setattr(P, "_collect", spy_collect)
+    monkeypatch.setattr(P, "calibrate", spy_calibrate)
+    monkeypatch.setattr(P.PatchEmbedder, "__call__", spy_call)
+    m = P.fit_prelabeller(goods, FAST)
+    fit_idx, hold_idx = m.metrics["fit_indices"], m.metrics["holdout_indices"]
+    assert sorted(fit_idx + hold_idx) == list(range(len(goods))) and not set(fit_idx) & set(hold_idx)
+    assert len(hold_idx) >= 2
+    assert seen["collect"] == [fit_idx]
+    assert seen["calibrate"] == [hold_idx]
+    # every tile the backbone saw during fitting is a window of one of the good images
+    windows = {g[y:y + th, x:x + tw].tobytes() for g in goods
+               for y, x, th, tw in P.tile_grid(SIZE, SIZE, FAST.tile, FAST.tile_overlap)}
+    assert seen["tiles"] and all(t.tobytes() in windows for t in seen["tiles"])
+    # predicting a defective image afterwards does not change the model
+    bank = m.state["bank"].clone()
+    m.predict([with_hole(spec, 5)[0]])
+    assert torch.equal(bank, m.state["bank"])
+
+
+def test_thresholds_are_the_rule_applied_to_holdout_scores(model, goods):
+    hold = [goods[i] for i in model.metrics["holdout_indices"]]
+    maps = [m for _, m in sorted(model.raw_maps(hold), key=lambda t: t[0])]
+    expect, _ = P.calibrate(maps, hold, model.config)
+    assert model.thresholds == pytest.approx(expect)
+    scores = model.metrics["calibration"]["holdout_scores"]
+    assert model.thresholds["image"] == pytest.approx(max(scores) * model.config.image_margin, rel=1e-5)
+    assert model.thresholds["pixel"] <= model.thresholds["image"]
+
+
+def test_split_is_seeded_and_keeps_two_holdout_images():
+    cfg = P.PrelabelConfig(holdout_fraction=0.2, min_holdout=2, seed=4)
+    fit, hold = P.split_good(5, cfg)
+    assert len(hold) == 2 and len(fit) == 3 and P.split_good(5, cfg) == (fit, hold)
+    with pytest.raises(ValueError):
+        P.split_good(2, cfg)
+
+
+def test_clear_defect_is_found_and_good_images_mostly_are_not(model, spec):
+    defects = [with_hole(spec, s) for s in range(20, 24)]
+    res = model.predict([d[0] for d in defects])
+    for r, (_, gt) in zip(res, defects):
+        assert r.is_defect and r.mask.any()
+        assert (r.mask & gt).any(), "the mask must overlap the defect"
+        assert r.heatmap.dtype == np.float32 and r.heatmap[gt].max() > 1.0  # 1.0 == pixel threshold
+    fresh = model.predict(good_images(spec, 8, seed=50))
+    flagged = sum(r.is_defect for r in fresh)
+    assert flagged <= 1
+    for r in fresh:
+        assert r.mask.dtype == bool and (r.is_defect or not r.mask.any())
+
+
+def test_save_load_round_trip_gives_identical_predictions(model, spec, tmp_path):
+    imgs = [with_hole(spec, 30)[0], good_images(spec, 1, seed=60)[0]]
+    before = model.predict(imgs)
+    model.save(tmp_path / "m1")
+    loaded = P.Prelabeller.load(tmp_path / "m1")
+    after = loaded.predict(imgs)
+    assert loaded.config == model.config and loaded.thresholds == model.thresholds
+    for a, b in zip(before, after):
+        assert a.score == b.score and a.is_defect == b.is_defect
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_cancel_raises_and_progress_is_reported(goods, model, spec):
+    calls = []
+    token = CancelToken()
+
+    def progress(done, total, msg):
+        calls.append((done, total))
+        if done > 0:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        P.fit_prelabeller(goods, FAST, on_progress=progress, cancel=token)
+    token2 = CancelToken()
+    token2.cancel()
+    with pytest.raises(Cancelled):
+        model.predict(good_images(spec, 2, seed=70), cancel=token2)
+    calls = []
+    model.predict(good_images(spec, 3, seed=71), on_progress=lambda d, t, m: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_any_size_non_square_and_larger_than_tile(model, spec):
+    img = render_fabric(spec, np.random.default_rng(80), (70, 150))
+    big, gt = with_hole(spec, 81, size=(130, 200))
+    small = render_fabric(spec, np.random.default_rng(82), (40, 52))
+    res = model.predict([img, big, small])
+    for r, im in zip(res, (img, big, small)):
+        assert r.heatmap.shape == im.shape[:2] == r.mask.shape
+        assert np.isfinite(r.heatmap).all()
+    assert res[1].is_defect and (res[1].mask & gt).any()
+    grid = P.tile_grid(130, 200, 64, 16)
+    covered = np.zeros((130, 200), bool)
+    for y, x, th, tw in grid:
+        covered[y:y + th, x:x + tw] = True
+    assert covered.all()
+
+
+def test_scale_and_padim_options_run(goods, spec):
+    cfg = dataclasses.replace(FAST, method="padim", scale=0.75)
+    m = P.fit_prelabeller(goods[:6], cfg)
+    res = m.predict([with_hole(spec, 90)[0]])
+    assert res[0].heatmap.shape == (SIZE, SIZE)
+    assert "mean" in m.state and "bank" not in m.state
+
+
+def test_greedy_coreset_is_exact_farthest_point_selection():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    got = P.greedy_coreset(x, 200, seed=0, block=64).tolist()
+    # the one-at-a-time loop, from the same seeded first point
+    first = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(0)))
+    d = ((x - x[first]) ** 2).sum(1)
+    want = [first]
+    d[first] = 0
+    while len(want) < 200:
+        c = int(d.argmax())
+        want.append(c)
+        d = torch.minimum(d, ((x - x[c]) ** 2).sum(1))
+        d[c] = 0
+    assert got == want
+
+
+def test_auroc_matches_definition():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9])
+    pairs = [(p, n) for p in scores[labels == 1] for n in scores[labels == 0]]
+    want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+    assert P.auroc(labels, scores) == pytest.approx(want)
