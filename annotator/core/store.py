@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import cv2
 import numpy as np
 
+from . import images
 from .masks import as_bool, label_regions, to_u8
 
 SCHEMA_VERSION = 1
@@ -523,14 +524,14 @@ class Project:
             sql, args = sql + " AND state = ?", args + [state]
         return [_image_record(r) for r in self._all(sql + " ORDER BY id", args)]
 
-    def load_image(self, image_id: int, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
-        """Read the original file (BGR by default)."""
-        src = Path(self.image(image_id).source)
-        data = np.fromfile(str(src), np.uint8) if src.is_file() else None
-        img = None if data is None else cv2.imdecode(data, flags)
-        if img is None:
-            raise ProjectError(f"image file missing or unreadable: {src}")
-        return img
+    def load_image(self, image_id: int) -> np.ndarray:
+        """The original file as uint8 BGR (16-bit, alpha and grey converted; see
+        :func:`annotator.core.images.load_image`)."""
+        img = self.image(image_id)
+        try:
+            return images.load_image(img.source)
+        except images.ImageError as exc:
+            raise ProjectError(f"{img.rel_path}: {exc.reason} ({img.source})") from None
 
     def set_prediction(self, image_id: int, anomaly_score: Optional[float], is_defect: Optional[bool]) -> None:
         """Model 1's image-level result."""
@@ -844,13 +845,13 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 
 def _probe_image(source: Path) -> tuple[int, int, str]:
-    if not source.is_file():
-        raise ProjectError(f"image file not found: {source}")
-    data = source.read_bytes()
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ProjectError(f"not a readable image: {source}")
-    return int(img.shape[1]), int(img.shape[0]), hashlib.sha256(data).hexdigest()
+    try:
+        width, height = images.image_size(source)
+        return width, height, images.sha256_file(source)
+    except images.ImageError as exc:
+        raise ProjectError(str(exc)) from None
+    except OSError as exc:
+        raise ProjectError(f"{source}: cannot read file ({exc.strerror or exc})") from None
 
 
 def _image_record(r: sqlite3.Row) -> ImageRecord:

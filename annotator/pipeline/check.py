@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 from annotator.core.flags import FlagRules, iou_flag, probability_flag
-from annotator.core.images import load_image
 from annotator.core.jobs import CancelToken, ProgressFn, no_progress
 from annotator.core.review import Review
 from annotator.core.store import FlagSpec, Project
@@ -49,7 +48,7 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
         raise PipelineError(
             f"the checkers need at least {max(folds, 2) * 2} pre-checked images, the project has {len(targets)}"
             f" ({waiting} still wait for a person's pre-check)")
-    images = {t.id: load_image(t.source) for t in targets}
+    images = {t.id: project.load_image(t.id) for t in targets}
     current = {t.id: project.current_label(t.id) for t in targets}
     labels = {i: label.mask for i, label in current.items()}
     run = run_checkers(images, labels, n_models=folds, scheme=scheme, config=checker_config or CheckerConfig(),

@@ -5,7 +5,6 @@ import time
 from dataclasses import asdict
 from typing import Optional
 
-from annotator.core.images import ImageError, load_image
 from annotator.core.jobs import CancelToken, Cancelled, ProgressFn, check_cancel, no_progress
 from annotator.core.review import Review
 from annotator.core.store import Project
@@ -16,11 +15,7 @@ MIN_GOOD = 4  # below this, held-out calibration of the thresholds is meaningles
 
 
 def _load(project: Project, image_id: int):
-    img = project.image(image_id)
-    try:
-        return load_image(img.source)
-    except ImageError as exc:
-        raise PipelineError(f"{img.rel_path}: {exc}") from exc
+    return project.load_image(image_id)
 
 
 def fit_model1(project: Project, config=None, on_progress: ProgressFn = no_progress,
