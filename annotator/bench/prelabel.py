@@ -122,7 +122,7 @@ def _anomalib_side(good, test, fit_idx, hold_idx, ours_cfg, steps: Optional[int]
     hold = [good[i] for i in hold_idx]
     _, hold_maps = ref.predict(hold)
     cfg = replace(ours_cfg, layers=tuple(layers))
-    thresholds, _ = calibrate(hold_maps, hold, cfg)
+    thresholds, _ = calibrate(hold_maps, None, cfg)
     calib_s = time.perf_counter() - t0 - ref.timings["features"] - ref.timings["coreset"]["wall_seconds"]
     images = [img for _, img, _ in test]
     t1 = time.perf_counter()
@@ -131,7 +131,7 @@ def _anomalib_side(good, test, fit_idx, hold_idx, ours_cfg, steps: Optional[int]
     # masks by our rule on anomalib's maps (score = max of map, as for ours)
     shim = Prelabeller.__new__(Prelabeller)
     shim.config, shim.thresholds = cfg, thresholds
-    results = [shim._result(img, m) for img, m in zip(images, maps)]
+    results = [shim._result(m) for m in maps]
     out = score_maps(test, scores, maps, [r.mask for r in results], [r.is_defect for r in results])
     out["image_auroc_max_of_map"] = score_maps(test, [m.max() for m in maps], maps)["image_auroc"]
     out["images_per_s"] = round(len(images) / dt, 2)
@@ -279,11 +279,15 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
 
 def _short(d: dict) -> dict:
     keys = ("image_auroc", "pixel_auroc", "mean_iou", "good_with_mask", "recall", "fit_seconds", "images_per_s")
-    return {side: {k: v[k] for k in keys if k in v} for side, v in d.items() if isinstance(v, dict) and "image_auroc" in v}
+    return {side: {k: v[k] for k in keys if k in v} for side, v in d.items() if _is_side(side, v)}
+
+
+def _is_side(name: str, value) -> bool:
+    return isinstance(value, dict) and "image_auroc" in value and not name.endswith("_vs_anomalib")
 
 
 def _summary(datasets: dict) -> dict:
-    sides = sorted({s for d in datasets.values() for s, v in d.items() if isinstance(v, dict) and "image_auroc" in v})
+    sides = sorted({s for d in datasets.values() for s, v in d.items() if _is_side(s, v)})
     out = {}
     for s in sides:
         rows = [d[s] for d in datasets.values() if s in d]
@@ -292,6 +296,9 @@ def _summary(datasets: dict) -> dict:
                   if all(k in r for r in rows)}
         out[s]["min_image_auroc"] = round(float(min(r["image_auroc"] for r in rows)), 4)
         out[s]["min_pixel_auroc"] = round(float(min(r["pixel_auroc"] for r in rows)), 4)
+    ratios = [d["ours_vs_anomalib"] for d in datasets.values() if "ours_vs_anomalib" in d]
+    if ratios:
+        out["ours_vs_anomalib"] = {k: round(float(np.mean([r[k] for r in ratios])), 3) for k in ratios[0]}
     return out
 
 

@@ -250,20 +250,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def mask_digest(mask: np.ndarray) -> str:
     m = as_bool(mask)
     h = hashlib.sha256(f"{m.shape[0]}x{m.shape[1]}:".encode())
@@ -564,7 +550,7 @@ class Project:
             ok, png = cv2.imencode(".png", to_u8(mask))
             if not ok:
                 raise ProjectError(f"could not encode mask for image {image_id}")
-            atomic_write(dest, png.tobytes())
+            images.atomic_write_bytes(dest, png.tobytes())
         return rel
 
     # ---- labels
@@ -777,7 +763,7 @@ class Project:
         self.image(image_id)
         buf = io.BytesIO()
         np.savez_compressed(buf, heatmap=np.asarray(heatmap, dtype=np.float32))
-        atomic_write(self.path / "heatmaps" / f"{image_id}.npz", buf.getvalue())
+        images.atomic_write_bytes(self.path / "heatmaps" / f"{image_id}.npz", buf.getvalue())
         with self.transaction():  # nothing to write; announces the change after commit
             self._emit("heatmap_changed", image_id)
 

@@ -36,9 +36,7 @@ def build_anomalib_patchcore(layers: Sequence[str] = ("blocks.2", "blocks.4"), n
     model = _patchcore_cls()(layers=list(layers), backbone="efficientnet_lite0", pre_trained=False,
                              num_neighbors=num_neighbors)
     ours = create_lite0_features(tuple(layers), weights=weights).state_dict()
-    target = model.feature_extractor.feature_extractor
-    missing, unexpected = target.load_state_dict(ours, strict=True), None
-    del missing, unexpected
+    model.feature_extractor.feature_extractor.load_state_dict(ours, strict=True)  # same timm module tree
     return model
 
 

@@ -1,9 +1,9 @@
 """Model 2 of spec 003: supervised checkers and their out-of-fold ensemble (claims 3-7).
 
 A *checker* is a small segmenter trained on the pre-checked labels: the offline
-EfficientNet-Lite0 encoder (early stages frozen) under a light U-Net decoder with skips at
-strides 16/8/4/2 plus a full-resolution branch on the raw pixels, so 1-3 px lines
-(broken needle, open-width line, mis-yarn) survive. It predicts a per-pixel defect
+EfficientNet-Lite0 encoder (frozen by default, see ``frozen_blocks``) under a light U-Net
+decoder with skips at strides 16/8/4/2 plus a full-resolution branch on the raw pixels, so
+1-3 px lines (broken needle, open-width line, mis-yarn) survive. It predicts a per-pixel defect
 probability at full resolution; training uses random crops with flips/rot90, prediction
 runs on overlapping tiles, so images of any size work.
 
