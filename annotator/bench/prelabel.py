@@ -57,7 +57,8 @@ def load_mvtec(root: os.PathLike, n_good: Optional[int] = None) -> tuple[list[np
     files = sorted(f for f in (root / "train" / "good").iterdir() if f.suffix.lower() in IMAGE_EXT)
     good = [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files[:n_good]]
     test = []
-    for kind_dir in sorted(d for d in (root / "test").iterdir() if d.is_dir()):
+    test_dirs = sorted(d for d in (root / "test").iterdir() if d.is_dir()) if (root / "test").is_dir() else []
+    for kind_dir in test_dirs:
         for f in sorted(p for p in kind_dir.iterdir() if p.suffix.lower() in IMAGE_EXT):
             img = cv2.imread(str(f), cv2.IMREAD_COLOR)
             if kind_dir.name == "good":
