@@ -174,7 +174,12 @@ def cmd_bench(a) -> int:
     import importlib
 
     module = importlib.import_module(f"annotator.bench.{a.what}")
-    result = module.run(**({"quick": True} if a.quick else {}))
+    kwargs: dict = {"quick": True} if a.quick else {}
+    if a.subtle:
+        if a.what == "ui":
+            raise ValueError("--subtle applies to the prelabel, checkers and loop benchmarks")
+        kwargs["min_visibility"] = 0.0
+    result = module.run(**kwargs)
     if a.json:
         _print_json(result)
     else:
@@ -249,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("prelabel", "checkers", "loop", "ui"))
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data, for a smoke run")
+    p.add_argument("--subtle", action="store_true",
+                   help="demo defects as painted, without the visibility floor (harder; see core.demo_fabric)")
     p.set_defaults(fn=cmd_bench)
     return ap
 

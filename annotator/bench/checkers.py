@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -24,6 +25,7 @@ VARIANTS = {
     "iou_exact": ("iou", FlagRules(iou_tolerance_px=0)),
     "iou_tol1": ("iou", FlagRules(iou_tolerance_px=1)),
     "iou_tol2": ("iou", FlagRules(iou_tolerance_px=2)),
+    "iou_tol1_band": ("iou", FlagRules(iou_tolerance_px=1, iou_uncertain_band=(0.2, 0.8))),
     "ensemble_mean": ("ensemble", FlagRules(operation="mean")),
     "ensemble_sum": ("ensemble", FlagRules(operation="sum")),
     "both_tol1_mean": ("both", FlagRules(iou_tolerance_px=1, operation="mean")),
@@ -59,7 +61,7 @@ def flagged_by(variant: str, labels: dict, checks: dict) -> set:
     which, rules = VARIANTS[variant]
     out = set()
     for key, check in checks.items():
-        if which in ("iou", "both") and iou_flag(labels[key], check.pred_mask, rules) is not None:
+        if which in ("iou", "both") and iou_flag(labels[key], check.pred_mask, rules, check.pred_prob_map) is not None:
             out.add(key)
         if which in ("ensemble", "both") and probability_flag(
                 check.probs, bool(labels[key].any()), check.pred_area, rules) is not None:
@@ -84,7 +86,7 @@ def score(flagged: set, errors: dict, n_images: int) -> dict:
 
 def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_per_defect: int = 6,
         size: int = 256, error_rate: float = 0.2, folds: int = 3, scheme: str = "disjoint", seed: int = 0,
-        checker_config=None) -> dict:
+        checker_config=None, min_visibility: Optional[float] = None) -> dict:
     from annotator.ml.checkers import CheckerConfig, run_checkers
 
     if quick:
@@ -97,7 +99,8 @@ def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_
     for s_i, style in enumerate(styles):
         with tempfile.TemporaryDirectory() as tmp:
             write_demo_mvtec(tmp, style=style, n_train_good=1, n_test_good=n_test_good,
-                             n_per_defect=n_per_defect, size=size, seed=seed + 101 * s_i)
+                             n_per_defect=n_per_defect, size=size, seed=seed + 101 * s_i,
+                             min_visibility=min_visibility)
             images, truth = load_demo(Path(tmp))
         noisy, errors = inject(truth, error_rate, rng)
         started = time.perf_counter()
@@ -113,7 +116,7 @@ def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_
         n_total += len(images)
     overall = {v: score(t["flagged"], t["errors"], n_total) for v, t in totals.items()}
     return {"benchmark": "checkers", "images": n_total, "error_rate": error_rate, "folds": folds, "scheme": scheme,
-            "styles": list(styles), "size": size, "steps_per_checker": config.steps,
+            "styles": list(styles), "size": size, "min_visibility": min_visibility, "steps_per_checker": config.steps,
             "seconds_train_and_score": round(fit_s, 1), "overall": overall, "per_style": per_style}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -40,7 +41,8 @@ def from_scratch(truth: dict, error_rate: float, seed: int) -> dict:
 
 def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_test_good: int = 20,
         n_per_defect: int = 6, size: int = 256, error_rate: float = 0.15, max_rounds: int = 3, folds: int = 3,
-        variant: str = "both", seed: int = 0, prelabel_config=None, checker_config=None) -> dict:
+        variant: str = "both", seed: int = 0, prelabel_config=None, checker_config=None,
+        min_visibility: Optional[float] = None) -> dict:
     from annotator.ml.checkers import CheckerConfig
     from annotator.pipeline.check import check_project
     from annotator.pipeline.prelabel import prelabel_project
@@ -52,7 +54,7 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_demo_mvtec(data, style=style, n_train_good=n_train_good, n_test_good=n_test_good,
-                         n_per_defect=n_per_defect, size=size, seed=seed)
+                         n_per_defect=n_per_defect, size=size, seed=seed, min_visibility=min_visibility)
         with Project.create(Path(tmp) / "project") as project:
             project_io.import_mvtec(project, data)
             prelabel = prelabel_project(project, prelabel_config)
@@ -82,7 +84,7 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
     no_checkers = rounds[0]
     final = rounds[-1]
     return {
-        "benchmark": "loop", "style": style, "images_to_label": len(truth),
+        "benchmark": "loop", "style": style, "min_visibility": min_visibility, "images_to_label": len(truth),
         "defective": int(sum(m.any() for m in truth.values())), "error_rate": error_rate,
         "model1": {"defective_called": prelabel.get("defective_now"), **after_model1},
         "rounds": rounds, "loop_finished": finished,

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -242,15 +243,24 @@ def coreset_study(n_images: Sequence[int] = (60, 200), size: int = 256, seed: in
 def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int = 256, seed: int = 0,
         with_anomalib: bool = True, styles: Sequence[str] = STYLES, config=None,
         anomalib_steps: Optional[int] = 200, with_b24: bool = True, compare_full_bank: bool = True,
-        with_coreset_study: bool = False, n_test_good: int = 20, n_per_defect: int = 6) -> dict:
-    """Benchmark on demo fabrics (one per style) or on the MVTec-style category at ``data_root``."""
+        with_coreset_study: bool = False, n_test_good: int = 20, n_per_defect: int = 6,
+        min_visibility: Optional[float] = None, quick: bool = False) -> dict:
+    """Benchmark on demo fabrics (one per style) or on the MVTec-style category at ``data_root``.
+
+    ``quick``: one small style at 128 px without the anomalib side, for a smoke run.
+    """
     import torch
+
+    if quick:
+        styles, n_good, n_test_good, n_per_defect, size = tuple(styles)[:1], 20, 4, 1, 128
+        with_anomalib = with_b24 = compare_full_bank = with_coreset_study = False
 
     from annotator.ml.prelabel import PrelabelConfig
 
     cfg = config or PrelabelConfig(seed=seed)
     extra = {"ours_b24": replace(cfg, layers=("blocks.2", "blocks.4"), grid_stride=0)} if with_b24 else {}
     report: dict = {"config": cfg.to_dict(), "n_good": n_good, "size": size, "seed": seed,
+                    "min_visibility": min_visibility,
                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                 "cuda": torch.cuda.is_available(), "python": platform.python_version()},
                     "datasets": {}}
@@ -263,14 +273,15 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
             for st in styles:
                 root = Path(tmp) / st
                 write_demo_mvtec(root, style=st, n_train_good=n_good, n_test_good=n_test_good,
-                                 n_per_defect=n_per_defect, size=size, seed=seed, kinds=DEFECT_KINDS)
+                                 n_per_defect=n_per_defect, size=size, seed=seed, kinds=DEFECT_KINDS,
+                                 min_visibility=min_visibility)
                 sets[st] = root
         for i, (name, root) in enumerate(sets.items()):
             good, test = load_mvtec(root, n_good)
             report["datasets"][name] = bench_dataset(good, test, cfg, with_anomalib=with_anomalib,
                                                      anomalib_steps=anomalib_steps, extra_configs=extra,
                                                      compare_full_bank=compare_full_bank and i == 0)
-            print(name, json.dumps(_short(report["datasets"][name])), flush=True)
+            print(name, json.dumps(_short(report["datasets"][name])), file=sys.stderr, flush=True)
     report["summary"] = _summary(report["datasets"])
     if with_coreset_study:
         report["coreset_study"] = coreset_study(size=size, seed=seed)

@@ -104,6 +104,16 @@ class PrelabelConfig:
     #                      mean IoU 0.214 -> 0.248 over the 5 demo styles (better on each), thin lines get thinner
     refine_sigma: float = 1.0  # blur of that fine map, px
     refine_quantile: float = 0.9999  # its threshold: this quantile of the holdout fine maps
+    # Colour refinement of compact regions (holes, stains, knots, slubs): OpenCV GrabCut on a crop around each
+    # region, its colour model seeded from the region's core (see grabcut_regions). Thin, elongated regions (lines)
+    # keep the map's mask: GrabCut's boundary term shaves 1-3 px lines away. Measured on the demo fabrics (twill,
+    # knit, plain; 60 good images; 4 test images per kind): mean IoU holes 0.55/0.68/0.48 -> 0.66/0.71/0.58, slubs
+    # 0.56/0.59/0.51 -> 0.68/0.62/0.46, stains 0.19/0.42/0.15 -> 0.18/0.45/0.20; pre-labels a reviewer can keep as
+    # they are (tolerant IoU >= 0.8) 3 -> 9 of 84 defective images; no good image gained a mask.
+    grabcut: bool = True
+    grabcut_ring: int = 6  # px
+    grabcut_iters: int = 4
+    grabcut_line_width: float = 6.0  # px: regions thinner than this and 5x as long are lines (left as they are)
     min_region_area: int = 16  # px; smaller mask regions are dropped
     close_radius: int = 1  # px; morphological closing of the mask
     # --- runtime
@@ -486,21 +496,24 @@ class Prelabeller:
         images = list(images)
         out: list[Optional[PrelabelResult]] = [None] * len(images)
         for i, m, fine in self.raw_maps(images, on_progress, cancel):
-            out[i] = self._result(m, fine)
+            out[i] = self._result(m, fine, images[i])
         return out  # type: ignore[return-value]
 
-    def _result(self, m: np.ndarray, fine: Optional[np.ndarray] = None) -> PrelabelResult:
+    def _result(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
+                image: Optional[np.ndarray] = None) -> PrelabelResult:
         score = float(m.max())
         is_defect = score > self.thresholds["image"]
         heat = (m / self.thresholds["pixel"]).astype(np.float32)
         if is_defect:
-            mask = self.mask_from_map(m, fine)
+            mask = self.mask_from_map(m, fine, image)
         else:
             mask = np.zeros(m.shape, bool)
         return PrelabelResult(score=score, heatmap=heat, mask=mask, is_defect=bool(is_defect))
 
-    def mask_from_map(self, m: np.ndarray, fine: Optional[np.ndarray] = None) -> np.ndarray:
-        """Map above the pixel threshold; refined with the fine map; closed; small regions dropped."""
+    def mask_from_map(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
+                      image: Optional[np.ndarray] = None) -> np.ndarray:
+        """Map above the pixel threshold; refined with the fine map (and the image's colours); closed;
+        small regions dropped."""
         cfg = self.config
         mask = m > self.thresholds["pixel"]
         if fine is not None and "fine" in self.thresholds and mask.any():
@@ -514,7 +527,12 @@ class Prelabeller:
         if cfg.close_radius > 0:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.close_radius + 1,) * 2)
             mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
-        return remove_small_regions(mask, cfg.min_region_area)
+        mask = remove_small_regions(mask, cfg.min_region_area)
+        if cfg.grabcut and image is not None and mask.any():
+            img = _check_image(image)
+            if img.shape[:2] == mask.shape:
+                mask = remove_small_regions(grabcut_regions(img, mask, cfg), cfg.min_region_area)
+        return mask
 
     # ---- persistence
     def save(self, folder: os.PathLike) -> Path:
@@ -554,6 +572,60 @@ class Prelabeller:
         if want and want != model.embedder.fingerprint():
             raise ValueError("the backbone weights differ from the ones this pre-labeller was fitted with")
         return model
+
+
+def _is_line(region: np.ndarray, width: float) -> bool:
+    """A thin, elongated region: its minimum-area rectangle is under ``width`` px and 5x as long."""
+    pts = cv2.findNonZero(region.astype(np.uint8))
+    (_, _), (a, b), _ = cv2.minAreaRect(pts)
+    short, long_ = min(a, b), max(a, b)
+    return short < width and long_ >= 5 * max(short, 1.0)
+
+
+def grabcut_regions(image: np.ndarray, mask: np.ndarray, cfg: PrelabelConfig) -> np.ndarray:
+    """Refine each compact region of ``mask`` by GrabCut on the image's colours (lines are kept).
+
+    Per region, on a crop around it: the region's core (eroded 3 px) is sure defect, the rest of
+    the region and a ``grabcut_ring`` px ring around it are undecided, the rest of the crop sure
+    fabric. (A region without a core, e.g. a small knot, is all probable defect.)
+    A region that GrabCut empties or more than doubles is kept as it was (the colours did not
+    separate defect from fabric there), and so is one whose crop exceeds a megapixel.
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    out = np.zeros(mask.shape, bool)
+    h, w = mask.shape
+    pad = cfg.grabcut_ring * 4
+    ring_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.grabcut_ring + 1,) * 2)
+    core_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    for r in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[r])
+        y0, y1, x0, x1 = max(0, y - pad), min(h, y + bh + pad), max(0, x - pad), min(w, x + bw + pad)
+        region = labels[y0:y1, x0:x1] == r
+        # lines keep the map's mask; a crop over a megapixel would cost seconds: keep it too
+        if _is_line(region, cfg.grabcut_line_width) or (y1 - y0) * (x1 - x0) > 1_000_000:
+            out[y0:y1, x0:x1] |= region
+            continue
+        seed = np.full(region.shape, cv2.GC_BGD, np.uint8)
+        r8 = region.astype(np.uint8)
+        seed[cv2.dilate(r8, ring_k).astype(bool)] = cv2.GC_PR_BGD
+        seed[region] = cv2.GC_PR_FGD
+        core = cv2.erode(r8, core_k).astype(bool)
+        if core.sum() >= 10:
+            # the colour model of the defect starts from the core alone: the rest of a loose region
+            # is fabric as often as not, and GrabCut reassigns it by colour and smoothness
+            seed[region] = cv2.GC_PR_BGD
+            seed[core] = cv2.GC_FGD
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        try:
+            cv2.grabCut(np.ascontiguousarray(image[y0:y1, x0:x1]), seed, None, bgd, fgd, cfg.grabcut_iters,
+                        cv2.GC_INIT_WITH_MASK)
+        except cv2.error:  # e.g. a crop whose colours are all one value: keep the region
+            out[y0:y1, x0:x1] |= region
+            continue
+        refined = (seed == cv2.GC_FGD) | (seed == cv2.GC_PR_FGD)
+        ok = 0 < refined.sum() <= 2 * area
+        out[y0:y1, x0:x1] |= refined if ok else region
+    return out
 
 
 def _upsample_patch_map(s: np.ndarray, th: int, tw: int, stride: int) -> np.ndarray:

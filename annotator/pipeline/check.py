@@ -19,7 +19,7 @@ def flags_for(label_mask, check, variant: str, rules: FlagRules) -> list[FlagSpe
     """Apply the flag rules of ``variant`` to one image's out-of-fold checker result."""
     specs = []
     if variant in ("iou", "both"):
-        f = iou_flag(label_mask, check.pred_mask, rules)
+        f = iou_flag(label_mask, check.pred_mask, rules, check.pred_prob_map)
         if f is not None:
             specs.append(FlagSpec(f.rule, f.suspicion, {**f.numbers, "voters": list(check.voters)}, check.pred_mask))
     if variant in ("ensemble", "both"):

@@ -77,3 +77,46 @@ def test_iou_rule_ignores_stray_predicted_pixels():
     pred[10:12, 10:13] = True  # 6 px of checker noise
     assert iou_flag(empty, pred, FlagRules(min_pred_region_px=10)) is None
     assert iou_flag(empty, pred, FlagRules(min_pred_region_px=1)) is not None
+
+
+def _prob_map(truth, unsure_ring_px=0, p_in=0.95, p_ring=0.4):
+    """A checker map: sure inside the defect, unsure on a ring around it, sure outside."""
+    p = np.where(truth, p_in, 0.02).astype(np.float32)
+    if unsure_ring_px:
+        ring = M.dilate(truth, unsure_ring_px) & ~M.erode(truth, unsure_ring_px)
+        p[ring] = p_ring
+    return p
+
+
+def test_uncertain_band_ignores_unsure_boundary_but_catches_sure_errors():
+    truth = disk(6)
+    band = FlagRules(iou_tolerance_px=0, iou_uncertain_band=(0.2, 0.8))
+    plain = FlagRules(iou_tolerance_px=0)
+    p = _prob_map(truth, unsure_ring_px=2)
+    pred = p > 0.5
+    # the checker is unsure on a 2-px ring: plain IoU flags the correct label, the band does not
+    assert iou_flag(truth, pred, plain) is not None
+    assert iou_flag(truth, pred, band, p) is None
+    # a label missing the region the checker is sure of is still flagged, with the band's numbers
+    flag = iou_flag(np.zeros_like(truth), pred, band, p)
+    assert flag is not None and flag.numbers["uncertain_band"] == [0.2, 0.8]
+    assert flag.numbers["uncertain_px"] == int(((p > 0.2) & (p < 0.8)).sum())
+    # a false region where the checker is sure there is nothing is flagged
+    false_region = truth.copy()
+    false_region[2:10, 2:10] = True
+    assert iou_flag(false_region, pred, band, p) is not None
+    # an expanded label (4 px) reaches past the unsure ring into sure-clean pixels
+    assert iou_flag(M.dilate(truth, 4), pred, band, p) is not None
+    # without a probability map the band cannot apply: the plain rule is used
+    assert iou_flag(truth, pred, band) is not None
+
+
+def test_uncertain_band_validation_and_size_check():
+    with pytest.raises(ValueError):
+        FlagRules(iou_uncertain_band=(0.6, 0.9))
+    with pytest.raises(ValueError):
+        FlagRules(iou_uncertain_band=(0.5, 0.5))
+    rules = FlagRules(iou_uncertain_band=[0.3, 0.7])
+    assert rules.iou_uncertain_band == (0.3, 0.7)
+    with pytest.raises(ValueError, match="differ in size"):
+        iou_flag(disk(5), disk(5), rules, np.zeros((10, 10), np.float32))

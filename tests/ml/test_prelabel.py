@@ -201,3 +201,28 @@ def test_auroc_matches_definition():
     pairs = [(p, n) for p in scores[labels == 1] for n in scores[labels == 0]]
     want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
     assert P.auroc(labels, scores) == pytest.approx(want)
+
+
+def test_grabcut_tightens_a_loose_blob_and_keeps_lines():
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(150, 12, (96, 96, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    blob = (yy - 40) ** 2 + (xx - 40) ** 2 <= 8 ** 2
+    img[blob] = (40, 40, 160)  # a red stain on grey fabric
+    line = np.zeros((96, 96), bool)
+    line[10:90, 80:82] = True  # a 2-px line, left as the map drew it
+    img[line] = 60
+    loose = ((yy - 40) ** 2 + (xx - 40) ** 2 <= 11 ** 2)  # the blurred map's region: 3 px too wide
+    cfg = P.PrelabelConfig()
+    out = P.grabcut_regions(img, loose | line, cfg)
+    blob_out = out & ((yy - 40) ** 2 + (xx - 40) ** 2 <= 20 ** 2)
+    assert (blob_out & ~blob).sum() < 0.1 * blob.sum() and (blob & ~blob_out).sum() < 0.1 * blob.sum()
+    assert np.array_equal(out[:, 70:], line[:, 70:])
+
+
+def test_grabcut_keeps_a_region_whose_colours_do_not_separate():
+    img = np.full((64, 64, 3), 128, np.uint8)  # flat: nothing to separate
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    out = P.grabcut_regions(img, mask, P.PrelabelConfig())
+    assert out.sum() > 0 and out.sum() <= 2 * mask.sum()

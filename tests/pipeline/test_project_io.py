@@ -160,3 +160,16 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     r = run_cli("init", bad)
     assert r.returncode == 1 and "already" in r.stderr
+
+
+def test_cli_bench_prelabel_quick_json_and_subtle_flag():
+    r = run_cli("bench", "prelabel", "--quick", "--json", "--subtle")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["min_visibility"] == 0.0 and report["size"] == 128
+    (name, ds), = report["datasets"].items()
+    ours = ds["ours"]
+    assert 0.0 <= ours["image_auroc"] <= 1.0 and 0.0 <= ours["pixel_auroc"] <= 1.0
+    assert ours["fit_seconds"] > 0 and "anomalib" not in ds
+    r = run_cli("bench", "ui", "--subtle")
+    assert r.returncode == 1 and "--subtle" in r.stderr and r.stderr.count("\n") == 1
