@@ -109,7 +109,7 @@ def cmd_check(a) -> int:
     with _open(a.project) as p:
         try:
             summary = check_project(p, variant=a.variant, folds=a.folds, scheme=a.scheme, rules=rules,
-                                    on_progress=bar)
+                                    on_progress=bar, resend_overruled=a.resend_overruled)
         finally:
             bar.close()
     _print_json(summary)
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disjoint: the patent's N disjoint subsets; kfold: each checker trains on N-1 folds")
     p.add_argument("--operation", choices=("mean", "sum"), default="mean", help="how the N probabilities combine")
     p.add_argument("--iou-threshold", type=float, default=0.8)
+    p.add_argument("--resend-overruled", action="store_true",
+                   help="send back labels a person already kept against a flag (default: record, do not resend)")
     p.add_argument("--quiet", action="store_true")
 
     p = verb("status", cmd_status, "round, states and scores of every image")

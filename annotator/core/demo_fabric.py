@@ -18,7 +18,9 @@ Defects are painted onto a finished image by :func:`add_defect`, which returns t
 defective image and a crisp 0/255 mask. Every defect is composited as layers of
 (alpha, target) whose small alpha tails are cut off before compositing, so the
 mask is exactly the set of pixels the defect touched: pixels outside the mask are
-bit-identical to the input, thin lines have masks exactly as wide as drawn.
+bit-identical to the input, thin lines have masks exactly as wide as drawn. A defect
+fainter than ``VISIBILITY_FLOOR`` has its colour change scaled up to it (labelled
+defects are ones a person saw; ``min_visibility=0`` keeps them as painted).
 
 Geometry conventions: images are ``H x W x 3`` uint8 BGR; the warp / wales run
 down the image (along the fabric length), the weft / courses across it. Only
@@ -938,10 +940,10 @@ def add_defect(
     aligns warp / weft-direction defects with the weave, else a small random
     tilt is used. Images must be at least 24 px on each side.
 
-    ``min_visibility`` is the floor of the defect's visibility: the RMS luminance change
-    inside the mask over the standard deviation of the image's luminance. A fainter
-    defect has its colour change scaled up to the floor (the mask does not change).
-    0 keeps every defect as painted (the "subtle" demo of earlier versions).
+    ``min_visibility`` is the floor of the defect's :func:`visibility` (its luminance change
+    over the std of the image's luminance). A fainter defect has its colour change scaled
+    up to the floor (the mask does not change). 0 keeps every defect as painted (the
+    "subtle" set, see docs/adr/0003-demo-visibility-floor.md).
     """
     if kind not in _PAINTERS:
         raise ValueError(f"unknown defect kind {kind!r}; expected one of {DEFECT_KINDS}")

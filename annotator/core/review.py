@@ -238,26 +238,47 @@ class Review:
     def start_check_round(self) -> int:
         return self.project.start_round("check")
 
+    def kept_against_flag(self, image_id: int) -> bool:
+        """True when the current label is a person's answer to a flag that kept the mask unchanged
+        (``accept_as_is`` on a flagged image): the person has overruled the checkers on this mask."""
+        p = self.project
+        current = p.current_label(image_id)
+        if current is None or current.source != "reviewer":
+            return False
+        if not any(f.resolved_by == current.id for f in p.flags(image_id=image_id)):
+            return False
+        older = [v for v in p.label_history(image_id) if v.id < current.id]
+        return bool(older) and older[-1].path == current.path  # masks are content-addressed
+
     def record_check_results(
-        self, round: int, flags_by_image: Mapping[int, Iterable[Union[FlagSpec, Mapping]]], final: bool = True
+        self, round: int, flags_by_image: Mapping[int, Iterable[Union[FlagSpec, Mapping]]], final: bool = True,
+        overruled: Iterable[int] = (),
     ) -> dict:
         """Record one check round. ``flags_by_image`` has every checked image as a key
         (an empty list = no flag). Flagged images -> ``flagged``, the others ->
         ``accepted``; older open flags of a checked image are superseded. All or
         nothing. ``final=False`` lets a long round record in chunks; the last call
-        (``final=True``) ends the round and returns its summary counts."""
+        (``final=True``) ends the round and returns its summary counts.
+
+        ``overruled``: images whose flags are recorded but not sent back, because a person
+        already kept this very mask against an earlier flag (:meth:`kept_against_flag`). Their
+        flags are stored resolved by the current label, the image is ``accepted`` and the round
+        counts them under ``overruled``, not as flagged."""
         p = self.project
         rnd = p.round(round)
         if rnd.kind != "check" or rnd.ended is not None:
             raise ReviewError(f"round {round} is not an open check round")
         specs = {i: list(fs) for i, fs in flags_by_image.items()}
+        kept = {i for i in overruled if specs.get(i)}
         with p.transaction():
             for image_id, fs in specs.items():
-                event = "check_flagged" if fs else "check_clean"
+                event = "check_flagged" if fs and image_id not in kept else "check_clean"
                 self._move(image_id, event)
                 p.resolve_flags(image_id)
             p.add_flags(round, specs)
-            p.add_round_images(round, {i: len(fs) for i, fs in specs.items()})
+            for image_id in kept:
+                p.resolve_flags(image_id, by_label=p.current_label(image_id).id)
+            p.add_round_images(round, {i: (0 if i in kept else len(fs)) for i, fs in specs.items()})
             summary = self._check_summary(round) if final else {}
             if final:
                 p.end_round(round, summary)
@@ -279,8 +300,10 @@ class Review:
         by_rule: dict[str, int] = {}
         for f in flags:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+        overruled = {f.image_id for f in flags if f.resolved}
         return {"checked": len(coverage), "flagged": sum(1 for n in coverage.values() if n),
-                "accepted": sum(1 for n in coverage.values() if not n), "flags": len(flags), "by_rule": by_rule}
+                "accepted": sum(1 for n in coverage.values() if not n), "flags": len(flags), "by_rule": by_rule,
+                "overruled": len(overruled)}
 
     # ---- helpers
 

@@ -35,10 +35,13 @@ def describe_result(kind: str, r: Mapping) -> str:
         return (f"Model 1 pre-labelled {r.get('prelabelled', 0)} images ({r.get('defective', 0)} look defective). "
                 "Pre-check them in the queue.")
     if kind == "check":
+        kept = r.get("overruled", 0)
+        kept_note = (f" {kept} flagged again on labels you had kept against a flag: recorded, not sent back."
+                     if kept else "")
         if r.get("loop_finished"):
-            return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)."
+            return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)." + kept_note
         return (f"Check round {r.get('round')}: {r.get('flagged', 0)} images flagged, {r.get('accepted', 0)} "
-                "accepted. Work through the flags in the queue.")
+                "accepted. Work through the flags in the queue." + kept_note)
     if kind == "export":
         note = "" if r.get("loop_finished") else " (the loop was not finished)"
         return (f"Exported {r.get('images', 0)} images ({r.get('defective', 0)} with defects, "

@@ -95,7 +95,7 @@ def test_full_loop_until_a_clean_round_covering_everything(review, project):
     r = review.start_check_round()
     summary = review.record_check_results(r, {ids[0]: [], ids[1]: [FlagSpec("iou", 0.7, {"iou": 0.3}, box(2, 8, 2, 8))],
                                               ids[2]: []})
-    assert summary == {"checked": 3, "flagged": 1, "accepted": 2, "flags": 1, "by_rule": {"iou": 1}}
+    assert summary == {"checked": 3, "flagged": 1, "accepted": 2, "flags": 1, "by_rule": {"iou": 1}, "overruled": 0}
     assert [review.state(i) for i in ids] == ["accepted", "flagged", "accepted"]
     assert review.phase() == "check" and not review.loop_finished()
     (item,) = review.queue()
@@ -286,3 +286,32 @@ def test_carry_classes_by_overlap():
     old_regions, _ = label_regions(old)
     new = box(0, 3, 0, 3) | box(12, 18, 12, 18) | box(0, 2, 15, 19)
     assert carry_classes(old_regions, ["a", "b"], new) == ["a", None, "b"]
+
+
+def test_a_mask_kept_against_a_flag_is_recorded_but_not_sent_back(review, project):
+    ids = label_ids(project)
+    prelabel_all(review)
+    precheck_all(review)
+    flag = lambda: [FlagSpec("iou", 0.6, {"iou": 0.4}, box(2, 9, 2, 9))]  # noqa: E731
+    r1 = review.start_check_round()
+    review.record_check_results(r1, {ids[0]: flag(), ids[1]: flag(), ids[2]: []})
+    assert not any(review.kept_against_flag(i) for i in ids)
+    review.accept_as_is(ids[0])  # the person keeps the flagged mask: overrules the checkers
+    review.replace_mask(ids[1], box(3, 7, 3, 7))  # the person repairs the other one
+    assert review.kept_against_flag(ids[0]) and not review.kept_against_flag(ids[1])
+    assert not review.kept_against_flag(ids[2])  # never flagged
+
+    overruled = [i for i in ids if review.kept_against_flag(i)]
+    r2 = review.start_check_round()
+    summary = review.record_check_results(r2, {ids[0]: flag(), ids[1]: [], ids[2]: []}, overruled=overruled)
+    assert summary["overruled"] == 1 and summary["flagged"] == 0 and summary["flags"] == 1
+    assert review.state(ids[0]) == "accepted" and review.queue() == []
+    (stored,) = project.flags(round=r2)
+    assert stored.resolved and stored.resolved_by == project.current_label(ids[0]).id  # kept for the record
+    assert review.loop_finished()
+
+    # a repaired label is not "kept": a flag on it is sent back as usual
+    r3 = review.start_check_round()
+    summary = review.record_check_results(r3, {ids[0]: [], ids[1]: flag(), ids[2]: []},
+                                          overruled=[i for i in ids if review.kept_against_flag(i)])
+    assert summary["flagged"] == 1 and review.state(ids[1]) == "flagged" and not review.loop_finished()

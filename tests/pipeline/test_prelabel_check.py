@@ -125,3 +125,26 @@ def test_check_round_flags_wrong_labels_and_loop_ends_on_clean_round(tmp_path, d
         check_project(p, variant="both", folds=2, checker_config=small_checkers(), rules=lenient)
         assert review.loop_finished()
         assert {i.state for i in p.images(role="label")} == {"accepted"}
+
+
+def test_check_does_not_resend_a_mask_the_person_kept_against_a_flag(tmp_path, data):
+    from annotator.pipeline.check import check_project
+
+    strict = FlagRules(iou_threshold=1.01, iou_tolerance_px=0)  # every label is flagged
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        truth = truth_masks(p, data)
+        for i, m in truth.items():
+            review.replace_mask(i, m)
+        first = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict)
+        assert first["flagged"] == len(truth) and first["overruled"] == 0
+        kept = sorted(truth)[:2]
+        for i in kept:
+            review.accept_as_is(i)  # the person keeps these masks against the flags
+        second = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict)
+        assert second["overruled"] == 2 and second["flagged"] == len(truth) - 2
+        assert {review.state(i) for i in kept} == {"accepted"}
+        again = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict,
+                              resend_overruled=True)
+        assert again["overruled"] == 0 and {review.state(i) for i in kept} == {"flagged"}
