@@ -40,7 +40,7 @@ def from_scratch(truth: dict, error_rate: float, seed: int) -> dict:
 
 
 def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_test_good: int = 20,
-        n_per_defect: int = 6, size: int = 256, error_rate: float = 0.15, max_rounds: int = 3, folds: int = 3,
+        n_per_defect: int = 6, size: int = 256, error_rate: float = 0.15, max_rounds: int = 6, folds: int = 3,
         variant: str = "both", seed: int = 0, prelabel_config=None, checker_config=None,
         min_visibility: Optional[float] = None) -> dict:
     from annotator.ml.checkers import CheckerConfig

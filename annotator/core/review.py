@@ -119,7 +119,8 @@ class Review:
 
     def loop_finished(self) -> bool:
         """True only when the latest check round has ended, covered every label image,
-        raised no flag, and every label image is (still) accepted."""
+        sent no image back (no flag, or only overruled ones, see :meth:`record_check_results`),
+        and every label image is (still) accepted."""
         p = self.project
         checks = p.rounds("check")
         if not checks or checks[-1].ended is None:
