@@ -69,18 +69,29 @@ def flagged_by(variant: str, labels: dict, checks: dict) -> set:
     return out
 
 
+def _defect_kind(key) -> str:
+    """The demo folder of an image key (``test/<kind>/000.png``, or ``(style, that)``)."""
+    path = key[-1] if isinstance(key, tuple) else key
+    parts = str(path).split("/")
+    return parts[-2] if len(parts) >= 2 else "?"
+
+
 def score(flagged: set, errors: dict, n_images: int) -> dict:
     hit = flagged & set(errors)
     per_kind = {k: [0, 0] for k in ERROR_KINDS}
     for key, kind in errors.items():
         per_kind[kind][1] += 1
         per_kind[kind][0] += key in hit
+    false_alarms: dict = {}
+    for key in sorted(flagged - hit, key=str):  # correct labels flagged, by the image's defect kind
+        false_alarms[_defect_kind(key)] = false_alarms.get(_defect_kind(key), 0) + 1
     return {
         "flagged": len(flagged), "errors": len(errors), "caught": len(hit),
         "precision": round(len(hit) / len(flagged), 3) if flagged else None,
         "recall": round(len(hit) / len(errors), 3) if errors else None,
         "false_alarm_rate": round(len(flagged - hit) / max(1, n_images - len(errors)), 3),
         "recall_by_kind": {k: (round(c / t, 3) if t else None) for k, (c, t) in per_kind.items()},
+        "false_alarms_by_image_kind": dict(sorted(false_alarms.items())),
     }
 
 
@@ -127,4 +138,8 @@ def format_report(r: dict) -> str:
     for v, s in r["overall"].items():
         kinds = " ".join(f"{k}={x}" for k, x in s["recall_by_kind"].items())
         lines.append(f"{v:<16} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
+    default = r["overall"].get("iou_tol1")
+    if default:
+        fa = ", ".join(f"{k} {n}" for k, n in default["false_alarms_by_image_kind"].items())
+        lines.append(f"false alarms of iou_tol1 on correct labels, by the image's defect kind: {fa or 'none'}")
     return "\n".join(lines)
