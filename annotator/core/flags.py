@@ -41,9 +41,9 @@ class FlagRules:
     # label, while a region it is sure of (p >= high) and the label lacks, or a labelled area
     # it is sure is clean (p <= low), still lowers the IoU. None = the patent's plain match
     # on ``p > 0.5``, the default: on `annotator bench checkers` (124 demo images, 24 injected
-    # errors, 3 disjoint checkers) the band (0.2, 0.8) gave the same precision / recall as the
-    # plain rule at 1 px tolerance (0.34 / 0.92): the false alarms come from defects the checkers
-    # miss outright (p ~ 0), not from unsure boundaries. See docs/benchmarks.md.
+    # errors, 3 disjoint checkers) the band (0.2, 0.8) gave precision / recall 0.33 / 0.88 against
+    # 0.37 / 0.96 for the plain rule at 1 px tolerance: the false alarms come from defects the
+    # checkers miss outright (p ~ 0), not from unsure boundaries. See docs/benchmarks.md.
     iou_uncertain_band: Optional[tuple] = None
     # Variant B: how N probabilities become one target probability.
     operation: str = "mean"

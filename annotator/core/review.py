@@ -301,7 +301,7 @@ class Review:
         by_rule: dict[str, int] = {}
         for f in flags:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-        overruled = {f.image_id for f in flags if f.resolved}
+        overruled = {f.image_id for f in flags if coverage.get(f.image_id) == 0}  # flags recorded, not sent back
         return {"checked": len(coverage), "flagged": sum(1 for n in coverage.values() if n),
                 "accepted": sum(1 for n in coverage.values() if not n), "flags": len(flags), "by_rule": by_rule,
                 "overruled": len(overruled)}
