@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -82,9 +83,7 @@ def score(flagged: set, errors: dict, n_images: int) -> dict:
     for key, kind in errors.items():
         per_kind[kind][1] += 1
         per_kind[kind][0] += key in hit
-    false_alarms: dict = {}
-    for key in sorted(flagged - hit, key=str):  # correct labels flagged, by the image's defect kind
-        false_alarms[_defect_kind(key)] = false_alarms.get(_defect_kind(key), 0) + 1
+    false_alarms = Counter(_defect_kind(key) for key in flagged - hit)  # correct labels flagged, by kind
     return {
         "flagged": len(flagged), "errors": len(errors), "caught": len(hit),
         "precision": round(len(hit) / len(flagged), 3) if flagged else None,

@@ -111,7 +111,6 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
     ``p >= high`` and pixels with ``low < p < high`` are left out of the match on both sides.
     """
     label = M.as_bool(label)
-    pred = M.remove_small_regions(pred, rules.min_pred_region_px)
     numbers: dict = {}
     if rules.iou_uncertain_band is not None and prob_map is not None:
         lo, hi = rules.iou_uncertain_band
@@ -123,6 +122,7 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
         label_c, pred_c = label & care, pred & care
         numbers.update(uncertain_band=[lo, hi], uncertain_px=int((~care).sum()))
     else:
+        pred = M.remove_small_regions(pred, rules.min_pred_region_px)
         label_c, pred_c = label, pred
     score = M.tolerant_iou(label_c, pred_c, rules.iou_tolerance_px)
     if score >= rules.iou_threshold:
