@@ -44,7 +44,7 @@ from annotator.core.masks import remove_small_regions
 from annotator.ml.backbone import STAGES, create_lite0_features, normalise, pick_device
 
 FORMAT = "annotator.prelabel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: border profile (older readers would ignore it and mis-threshold)
 CONFIG_FILE = "prelabeller.json"
 TENSORS_FILE = "prelabeller.pt"
 METHODS = ("patchcore", "padim")
@@ -98,6 +98,15 @@ class PrelabelConfig:
     # extent: mean IoU over 5 demo styles 0.18 / 0.21 / 0.22 at 0.999 / 0.9999 / 0.99999
     pixel_quantile: float = 0.9999
     refit_with_holdout: bool = False  # afterwards add the holdout patches to the bank (see fit_prelabeller)
+    # Border correction. The backbone's zero padding raises and spreads the scores near the image edge:
+    # on held-out good demo images the map's sd within 1 px of the edge is 1.7-1.9x the interior's, and
+    # 55-80 % of good images (demo fabrics; real brick / grass / gravel photos) have their maximum within
+    # 8 px of the edge, so the image score measured the frame more than the fabric. Calibration learns,
+    # from the held-out good maps, the mean and sd of the map at each distance d < border_px from the
+    # edge, and maps at that distance are standardised to the interior's mean and sd (the units stay
+    # those of the interior; 0 = off). Image AUROC over the 5 demo fabrics (seed 7, 200 good): 0.916 ->
+    # 0.943 (knit 0.905 -> 0.966), pixel AUROC 0.971 -> 0.973; the same with 24 or 48 px.
+    border_px: int = 32
     # --- map and mask
     blur_sigma: float = 4.0  # Gaussian blur of the anomaly map (score, heatmap, coarse mask), px after scale
     refine: bool = True  # inside the (dilated) coarse mask keep the pixels where the less blurred map is high:
@@ -136,6 +145,8 @@ class PrelabelConfig:
             raise ValueError("scale must be in (0, 4]")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError("holdout_fraction must be in (0, 1)")
+        if self.border_px < 0:
+            raise ValueError("border_px must be >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -422,8 +433,11 @@ class Prelabeller:
     """A fitted model 1. Build with :func:`fit_prelabeller` or :meth:`load`."""
 
     def __init__(self, config: PrelabelConfig, state: dict[str, torch.Tensor], thresholds: dict,
-                 metrics: Optional[dict] = None, embedder: Optional[PatchEmbedder] = None) -> None:
+                 metrics: Optional[dict] = None, embedder: Optional[PatchEmbedder] = None,
+                 border: Optional[dict] = None) -> None:
         self.config = config
+        # {"coarse": (n, 2) [mean, sd] by distance to the edge, "fine": ...} or None (no correction)
+        self.border = {k: np.asarray(v, np.float64) for k, v in border.items()} if border else None
         self.device = pick_device(config.device)
         self.embedder = embedder or PatchEmbedder(config.layers, config.backbone_weights, self.device, config.grid_stride, config.pool)
         self.state = {k: v.to(self.device) for k, v in state.items()}
@@ -487,7 +501,13 @@ class Prelabeller:
                 out = cv2.resize(out, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
             return out.astype(np.float32, copy=False)
 
-        return blur_resize(cfg.blur_sigma), (blur_resize(cfg.refine_sigma) if cfg.refine else None)
+        coarse, fine = blur_resize(cfg.blur_sigma), (blur_resize(cfg.refine_sigma) if cfg.refine else None)
+        border = getattr(self, "border", None)
+        if border:
+            coarse = apply_border_profile(coarse, border["coarse"])
+            if fine is not None and "fine" in border:
+                fine = apply_border_profile(fine, border["fine"])
+        return coarse, fine
 
     # ---- public
     def predict(self, images: Sequence[np.ndarray], on_progress: Optional[ProgressFn] = None,
@@ -544,6 +564,7 @@ class Prelabeller:
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "thresholds": self.thresholds,
+            "border": {k: v.tolist() for k, v in self.border.items()} if self.border else None,
             "metrics": self.metrics,
             "backbone_sha256": self.embedder.fingerprint(),
             "versions": _versions(),
@@ -567,7 +588,7 @@ class Prelabeller:
             data = {**data, "device": device}
         config = PrelabelConfig.from_dict(data)
         state = torch.load(folder / TENSORS_FILE, map_location="cpu", weights_only=True)
-        model = cls(config, state, meta["thresholds"], meta.get("metrics"))
+        model = cls(config, state, meta["thresholds"], meta.get("metrics"), border=meta.get("border"))
         want = meta.get("backbone_sha256")
         if want and want != model.embedder.fingerprint():
             raise ValueError("the backbone weights differ from the ones this pre-labeller was fitted with")
@@ -762,6 +783,12 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
                                          what="calibrating on held-out good images"):
             hold_maps[i], hold_fine[i] = m, fine
         done[0] = base + n_hold_tiles
+        if cfg.border_px > 0:
+            model.border = {"coarse": border_profile(hold_maps, cfg.border_px)}
+            hold_maps = [apply_border_profile(m, model.border["coarse"]) for m in hold_maps]
+            if cfg.refine:
+                model.border["fine"] = border_profile(hold_fine, cfg.border_px)
+                hold_fine = [apply_border_profile(f, model.border["fine"]) for f in hold_fine]
         thresholds, calib = calibrate(hold_maps, hold_fine if cfg.refine else None, cfg)
         model.thresholds = thresholds
         # 3. optionally extend the bank with the holdout patches (a superset bank: every
@@ -804,6 +831,49 @@ def _gaussian_state(g: dict, cfg: PrelabelConfig) -> dict:
     cov += cfg.padim_eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     inv = torch.linalg.inv(cov)
     return {"channels": g["channels"], "mean": mean.float(), "inv_cov": inv.float()}
+
+
+def _edge_distance(h: int, w: int, cap: int) -> np.ndarray:
+    """Per pixel: distance in px to the nearest image edge (0 on the edge), capped at ``cap``."""
+    y = np.minimum(np.arange(h), np.arange(h)[::-1])
+    x = np.minimum(np.arange(w), np.arange(w)[::-1])
+    return np.minimum(np.minimum.outer(y, x), cap)
+
+
+def border_profile(maps: Sequence[np.ndarray], cap: int) -> np.ndarray:
+    """(cap + 1, 2): mean and sd of the maps' values at each distance 0..cap-1 from the edge, and
+    (row ``cap``) of every pixel further in. Distances no map reaches (images smaller than
+    2 * cap) take the row of the nearest distance that has pixels."""
+    n = np.zeros(cap + 1)
+    s1 = np.zeros(cap + 1)
+    s2 = np.zeros(cap + 1)
+    for m in maps:
+        d = _edge_distance(*m.shape, cap).ravel()
+        v = m.ravel().astype(np.float64)
+        n += np.bincount(d, minlength=cap + 1)
+        s1 += np.bincount(d, v, minlength=cap + 1)
+        s2 += np.bincount(d, v * v, minlength=cap + 1)
+    if not n.any():
+        raise ValueError("no maps to measure the border profile on")
+    prof = np.zeros((cap + 1, 2))
+    have = np.flatnonzero(n)
+    for k in range(cap + 1):
+        j = k if n[k] else have[np.argmin(np.abs(have - k))]
+        mean = s1[j] / n[j]
+        prof[k] = mean, math.sqrt(max(s2[j] / n[j] - mean * mean, 0.0))
+    prof[:, 1] = np.maximum(prof[:, 1], 1e-6 + 1e-6 * np.abs(prof[:, 0]))
+    return prof
+
+
+def apply_border_profile(m: np.ndarray, prof: np.ndarray) -> np.ndarray:
+    """Standardise each distance-to-edge ring of ``m`` to the interior's mean and sd."""
+    prof = np.asarray(prof, np.float64)
+    cap = prof.shape[0] - 1
+    d = _edge_distance(*m.shape, cap)
+    mean_in, sd_in = prof[cap]
+    gain = (sd_in / prof[:, 1]).astype(np.float32)
+    shift = (mean_in - prof[:, 0] * sd_in / prof[:, 1]).astype(np.float32)
+    return np.maximum(m * gain[d] + shift[d], 0.0).astype(np.float32, copy=False)  # distances: >= 0
 
 
 def calibrate(hold_maps: Sequence[np.ndarray], hold_fine: Optional[Sequence[np.ndarray]], cfg: PrelabelConfig

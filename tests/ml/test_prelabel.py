@@ -226,3 +226,40 @@ def test_grabcut_keeps_a_region_whose_colours_do_not_separate():
     mask[20:40, 20:40] = True
     out = P.grabcut_regions(img, mask, P.PrelabelConfig())
     assert out.sum() > 0 and out.sum() <= 2 * mask.sum()
+
+
+def test_border_profile_standardises_each_edge_ring_to_the_interior():
+    rng = np.random.default_rng(0)
+    h, w, cap = 40, 50, 6
+    d = P._edge_distance(h, w, cap)
+    assert d[0, 0] == 0 and d[1, 5] == 1 and d[20, 25] == cap and d[-1, 10] == 0 and d[10, -3] == 2
+    # a frame whose values are higher and noisier the closer they lie to the edge
+    mean = np.where(d < cap, 3.0 - 0.3 * d, 1.0)
+    sd = np.where(d < cap, 2.0 - 0.2 * d, 0.5)
+    maps = [(mean + sd * rng.standard_normal((h, w))).astype(np.float32) for _ in range(200)]
+    prof = P.border_profile(maps, cap)
+    assert prof.shape == (cap + 1, 2)
+    assert prof[0] == pytest.approx([3.0, 2.0], rel=0.05) and prof[cap] == pytest.approx([1.0, 0.5], rel=0.05)
+    fixed = np.stack([P.apply_border_profile(m, prof) for m in maps])
+    for k in range(cap + 1):
+        ring = fixed[:, d == k]
+        assert ring.mean() == pytest.approx(1.0, abs=0.03) and ring.std() == pytest.approx(0.5, rel=0.05)
+
+
+def test_border_profile_copes_with_images_smaller_than_the_border():
+    maps = [np.full((5, 7), 2.0, np.float32)]  # distances 0..2 only: rows 3.. borrow row 2
+    prof = P.border_profile(maps, 8)
+    assert prof[:, 0] == pytest.approx(2.0) and np.all(prof[:, 1] > 0)
+    assert P.apply_border_profile(maps[0], prof) == pytest.approx(maps[0])
+
+
+def test_fitted_model_corrects_its_border_and_keeps_the_profile(model, goods, tmp_path):
+    assert model.border is not None and model.border["coarse"].shape == (FAST.border_px + 1, 2)
+    off = P.fit_prelabeller(goods, dataclasses.replace(FAST, border_px=0))
+    assert off.border is None
+    img = goods[model.metrics["holdout_indices"][0]]
+    raw = next(off.raw_maps([img]))[1]  # same bank (same seed and split), no correction
+    fixed = next(model.raw_maps([img]))[1]
+    assert fixed == pytest.approx(P.apply_border_profile(raw, model.border["coarse"]), rel=1e-5, abs=1e-5)
+    loaded = P.Prelabeller.load(model.save(tmp_path / "m"))
+    assert loaded.border["coarse"] == pytest.approx(model.border["coarse"])
