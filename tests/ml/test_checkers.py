@@ -121,6 +121,39 @@ def test_config_roundtrips_and_rejects_nonsense():
         C.CheckerConfig(encoder_layers=("blocks.9",))
     with pytest.raises(ValueError):
         C.CheckerConfig(loss="mse")
+    with pytest.raises(ValueError):
+        C.CheckerConfig(augment="flip+blur")
+
+
+def test_augment_names_and_checkers_saved_with_a_bool():
+    assert C.CheckerConfig().augmentations == {"flip", "rot90", "jitter"}
+    assert C.CheckerConfig(augment="flip+jitter").augmentations == {"flip", "jitter"}
+    assert C.CheckerConfig.from_json({"augment": False}).augmentations == set()
+    assert C.CheckerConfig.from_json({"augment": True}) == C.CheckerConfig()
+
+
+def test_no_rot90_keeps_the_orientation_of_every_training_crop():
+    img = np.zeros((96, 96, 3), np.uint8)
+    mask = np.zeros((96, 96), bool)
+    mask[40:42, :] = True  # a horizontal line across the whole image
+    cfg = C.CheckerConfig(crop_size=64, augment="flip")
+    sampler = C._CropSampler([img], [mask], cfg, np.random.default_rng(0))
+    crops = [sampler._crop(0)[1] for _ in range(40)]
+    assert all(c.any(axis=1).sum() <= 2 for c in crops if c.any())  # still horizontal: at most 2 rows
+    turned = C._CropSampler([img], [mask], dataclasses.replace(cfg, augment="rot90"), np.random.default_rng(0))
+    assert any(c.any(axis=0).sum() <= 2 for c in (turned._crop(0)[1] for _ in range(40)) if c.any())
+
+
+def test_mask_grows_by_hysteresis_into_connected_weaker_pixels():
+    pm = np.zeros((30, 30), np.float32)
+    pm[10, 5:25] = 0.3  # a weak line ...
+    pm[10, 12:14] = 0.9  # ... with a confident core
+    pm[20, 5:10] = 0.3  # weak and not connected to anything confident: dropped
+    grown = C.make_output(pm, threshold=0.5, topk_px=4, threshold_low=0.15)
+    assert grown.area == 20 and grown.mask[10, 5:25].all() and not grown.mask[20].any()
+    plain = C.make_output(pm, threshold=0.5, topk_px=4)
+    assert plain.area == 2
+    assert not C.make_output(np.full((5, 5), 0.3, np.float32), 0.5, 4, 0.15).mask.any()
 
 
 def test_image_probability_is_the_top_k_mean():
