@@ -13,7 +13,10 @@ Mahalanobis distance.
    rescaled by ``scale``), so a 4096-px-wide web image keeps its 2-px lines.
 2. The good images are split (seeded) into a *fit* part, which builds the model, and a
    *holdout* part, which is scored by it to calibrate the image and pixel thresholds.
-   No defective image is needed or used, anywhere.
+   No defective image is needed or used, anywhere. The holdout maps also give the
+   border profile: the map's mean and sd by distance to the image edge, where the
+   backbone's zero padding raises and spreads the scores; every map is standardised
+   ring by ring to the interior's mean and sd before anything is thresholded.
 3. The map is blurred; image score = max of the map; mask = map above the pixel
    threshold, refined with the less blurred map (thin lines get thinner masks) and
    cleaned; empty when the image is judged good.
