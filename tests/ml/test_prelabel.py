@@ -263,3 +263,24 @@ def test_fitted_model_corrects_its_border_and_keeps_the_profile(model, goods, tm
     assert fixed == pytest.approx(P.apply_border_profile(raw, model.border["coarse"]), rel=1e-5, abs=1e-5)
     loaded = P.Prelabeller.load(model.save(tmp_path / "m"))
     assert loaded.border["coarse"] == pytest.approx(model.border["coarse"])
+
+
+def test_model_files_from_before_the_border_profile_still_load_and_newer_ones_are_refused(model, goods, tmp_path):
+    import json
+
+    folder = model.save(tmp_path / "m")
+    meta_file = folder / P.CONFIG_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    assert meta["format_version"] == P.FORMAT_VERSION and meta["border"] is not None
+    # a version-1 file: no border profile, thresholds calibrated on uncorrected maps
+    old = dict(meta, format_version=1)
+    old.pop("border")
+    meta_file.write_text(json.dumps(old), encoding="utf-8")
+    loaded = P.Prelabeller.load(folder)
+    assert loaded.border is None
+    img = goods[model.metrics["holdout_indices"][0]]
+    raw = next(loaded.raw_maps([img]))[1]
+    assert P.apply_border_profile(raw, model.border["coarse"]) == pytest.approx(next(model.raw_maps([img]))[1], rel=1e-5, abs=1e-5)
+    meta_file.write_text(json.dumps(dict(meta, format_version=P.FORMAT_VERSION + 1)), encoding="utf-8")
+    with pytest.raises(ValueError, match="can read"):
+        P.Prelabeller.load(folder)
