@@ -284,3 +284,31 @@ def test_model_files_from_before_the_border_profile_still_load_and_newer_ones_ar
     meta_file.write_text(json.dumps(dict(meta, format_version=P.FORMAT_VERSION + 1)), encoding="utf-8")
     with pytest.raises(ValueError, match="can read"):
         P.Prelabeller.load(folder)
+
+
+def test_each_region_is_cut_at_half_its_own_height():
+    m = np.zeros((40, 60), np.float32)
+    yy, xx = np.mgrid[:40, :60]
+    m += 10.0 * np.exp(-((yy - 20) ** 2 + (xx - 15) ** 2) / (2 * 4.0 ** 2))  # a strong, wide peak
+    m += 2.0 * np.exp(-((yy - 20) ** 2 + (xx - 45) ** 2) / (2 * 4.0 ** 2))  # a weak one
+    mask = m > 1.0
+    cut = P.cut_regions_below_peak_fraction(m, mask, 0.0, 0.5)
+    strong, weak = cut[:, :30], cut[:, 30:]
+    # half maximum of a Gaussian: radius sigma * sqrt(2 ln 2) = 4.7 px for both peaks
+    for half in (strong, weak):
+        r = np.sqrt(half.sum() / np.pi)
+        assert 4.0 < r < 5.5
+    assert mask[:, :30].sum() > 2 * strong.sum()  # the fixed threshold drew the strong one fat
+    assert not (cut & ~mask).any()
+    assert P.cut_regions_below_peak_fraction(m, np.zeros_like(mask), 0.0, 0.5).sum() == 0
+
+
+def test_thresholds_carry_the_median_and_old_models_skip_the_cut(model, spec):
+    assert model.thresholds["median"] < model.thresholds["pixel"]
+    img, _ = with_hole(spec, 31)
+    m, fine = next(model.raw_maps([img]))[1:]
+    old = P.Prelabeller(model.config, model.state, {k: v for k, v in model.thresholds.items() if k != "median"},
+                        embedder=model.embedder, border={k: v for k, v in model.border.items()})
+    off = P.Prelabeller(dataclasses.replace(model.config, region_peak_fraction=0.0), model.state, model.thresholds,
+                        embedder=model.embedder, border={k: v for k, v in model.border.items()})
+    assert np.array_equal(old.mask_from_map(m, fine, img), off.mask_from_map(m, fine, img))
