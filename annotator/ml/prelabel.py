@@ -110,8 +110,8 @@ class PrelabelConfig:
     refit_with_holdout: bool = False  # afterwards add the holdout patches to the bank (see fit_prelabeller)
     # Border correction. The backbone's zero padding raises and spreads the scores near the image edge:
     # on held-out good demo images the map's sd within 1 px of the edge is 1.7-1.9x the interior's, and
-    # 55-80 % of good images (demo fabrics; real brick / grass / gravel photos) have their maximum within
-    # 8 px of the edge, so the image score measured the frame more than the fabric. Calibration learns,
+    # 55-70 % of good real photographs (brick / grass / gravel crops) had their maximum within 8 px of
+    # the edge, so the image score measured the frame more than the fabric. Calibration learns,
     # from the held-out good maps, the mean and sd of the map at each distance d < border_px from the
     # edge, and maps at that distance are standardised to the interior's mean and sd (the units stay
     # those of the interior; 0 = off). Image AUROC over the 5 demo fabrics (seed 7, 200 good): 0.916 ->
