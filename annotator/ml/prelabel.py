@@ -855,11 +855,20 @@ def _gaussian_state(g: dict, cfg: PrelabelConfig) -> dict:
     return {"channels": g["channels"], "mean": mean.float(), "inv_cov": inv.float()}
 
 
-def _edge_distance(h: int, w: int, cap: int) -> np.ndarray:
-    """Per pixel: distance in px to the nearest image edge (0 on the edge), capped at ``cap``."""
-    y = np.minimum(np.arange(h), np.arange(h)[::-1])
-    x = np.minimum(np.arange(w), np.arange(w)[::-1])
-    return np.minimum(np.minimum.outer(y, x), cap)
+def _frame(h: int, w: int, cap: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """The pixels closer than ``cap`` to the edge, as (rows, cols, distance) blocks: the top and
+    bottom bands across the full width, then the left and right bands between them. Everything
+    else is interior. Only these blocks are touched, so a 12000 x 9000 map costs ~4 * cap * (h + w)
+    pixels of work, not h * w."""
+    top, bottom = min(cap, h), max(min(cap, h), h - cap)
+    left, right = min(cap, w), max(min(cap, w), w - cap)
+    blocks = [(slice(0, top), slice(0, w)), (slice(bottom, h), slice(0, w)),
+              (slice(top, bottom), slice(0, left)), (slice(top, bottom), slice(right, w))]
+    for rows, cols in blocks:
+        ys, xs = np.arange(h)[rows], np.arange(w)[cols]
+        if ys.size and xs.size:
+            d = np.minimum.outer(np.minimum(ys, h - 1 - ys), np.minimum(xs, w - 1 - xs))
+            yield rows, cols, np.minimum(d, cap)
 
 
 def border_profile(maps: Sequence[np.ndarray], cap: int) -> np.ndarray:
@@ -870,17 +879,24 @@ def border_profile(maps: Sequence[np.ndarray], cap: int) -> np.ndarray:
     s1 = np.zeros(cap + 1)
     s2 = np.zeros(cap + 1)
     for m in maps:
-        d = _edge_distance(*m.shape, cap).ravel()
-        v = m.ravel().astype(np.float64)
-        n += np.bincount(d, minlength=cap + 1)
-        s1 += np.bincount(d, v, minlength=cap + 1)
-        s2 += np.bincount(d, v * v, minlength=cap + 1)
+        # the interior row is every pixel minus the frame's
+        n[cap] += m.size
+        s1[cap] += float(np.sum(m, dtype=np.float64))
+        s2[cap] += float(np.einsum("ij,ij->", m, m, dtype=np.float64))
+        for rows, cols, d in _frame(*m.shape, cap):
+            d = d.ravel()
+            v = m[rows, cols].ravel().astype(np.float64)
+            for acc, weights in ((n, None), (s1, v), (s2, v * v)):
+                part = np.bincount(d, weights, minlength=cap + 1)
+                acc[:cap] += part[:cap]
+                acc[cap] -= part[:cap].sum()
     if not n.any():
         raise ValueError("no maps to measure the border profile on")
+    n[cap] = round(n[cap])  # exact count (the subtraction above is of integers held as floats)
     prof = np.zeros((cap + 1, 2))
-    have = np.flatnonzero(n)
+    have = np.flatnonzero(n > 0)
     for k in range(cap + 1):
-        j = k if n[k] else have[np.argmin(np.abs(have - k))]
+        j = k if n[k] > 0 else have[np.argmin(np.abs(have - k))]
         mean = s1[j] / n[j]
         prof[k] = mean, math.sqrt(max(s2[j] / n[j] - mean * mean, 0.0))
     prof[:, 1] = np.maximum(prof[:, 1], 1e-6 + 1e-6 * np.abs(prof[:, 0]))
@@ -888,14 +904,17 @@ def border_profile(maps: Sequence[np.ndarray], cap: int) -> np.ndarray:
 
 
 def apply_border_profile(m: np.ndarray, prof: np.ndarray) -> np.ndarray:
-    """Standardise each distance-to-edge ring of ``m`` to the interior's mean and sd."""
+    """Standardise each distance-to-edge ring of ``m`` to the interior's mean and sd (the
+    interior itself is left as it is: its gain is 1 and its shift 0)."""
     prof = np.asarray(prof, np.float64)
     cap = prof.shape[0] - 1
-    d = _edge_distance(*m.shape, cap)
     mean_in, sd_in = prof[cap]
     gain = (sd_in / prof[:, 1]).astype(np.float32)
     shift = (mean_in - prof[:, 0] * sd_in / prof[:, 1]).astype(np.float32)
-    return np.maximum(m * gain[d] + shift[d], 0.0).astype(np.float32, copy=False)  # distances: >= 0
+    out = np.array(m, dtype=np.float32, copy=True)
+    for rows, cols, d in _frame(*out.shape, cap):
+        out[rows, cols] = np.maximum(out[rows, cols] * gain[d] + shift[d], 0.0)  # distances: >= 0
+    return out
 
 
 def calibrate(hold_maps: Sequence[np.ndarray], hold_fine: Optional[Sequence[np.ndarray]], cfg: PrelabelConfig

@@ -228,10 +228,33 @@ def test_grabcut_keeps_a_region_whose_colours_do_not_separate():
     assert out.sum() > 0 and out.sum() <= 2 * mask.sum()
 
 
+def _edge_distance(h: int, w: int, cap: int) -> np.ndarray:
+    """Reference: every pixel's distance to the nearest image edge, capped at ``cap``."""
+    y = np.minimum(np.arange(h), np.arange(h)[::-1])
+    x = np.minimum(np.arange(w), np.arange(w)[::-1])
+    return np.minimum(np.minimum.outer(y, x), cap)
+
+
+@pytest.mark.parametrize("h,w,cap", [(40, 50, 6), (9, 30, 6), (5, 7, 8), (64, 3, 4)])
+def test_border_correction_touches_only_the_frame_and_matches_the_whole_image_rule(h, w, cap):
+    rng = np.random.default_rng(h * w)
+    maps = [rng.gamma(2.0, 1.0, (h, w)).astype(np.float32) * 3 for _ in range(5)]
+    d = _edge_distance(h, w, cap)
+    stack = np.stack(maps).astype(np.float64)
+    prof = P.border_profile(maps, cap)
+    for k in range(cap + 1):
+        if (d == k).any():
+            vals = stack[:, d == k]
+            assert prof[k] == pytest.approx([vals.mean(), vals.std()], rel=1e-6, abs=1e-9)
+    mean_in, sd_in = prof[cap]
+    expect = np.maximum(mean_in + (maps[0] - prof[d, 0]) * sd_in / prof[d, 1], 0)
+    assert P.apply_border_profile(maps[0], prof) == pytest.approx(expect, rel=1e-5, abs=1e-5)
+
+
 def test_border_profile_standardises_each_edge_ring_to_the_interior():
     rng = np.random.default_rng(0)
     h, w, cap = 40, 50, 6
-    d = P._edge_distance(h, w, cap)
+    d = _edge_distance(h, w, cap)
     assert d[0, 0] == 0 and d[1, 5] == 1 and d[20, 25] == cap and d[-1, 10] == 0 and d[10, -3] == 2
     # a frame whose values are higher and noisier the closer they lie to the edge
     mean = np.where(d < cap, 3.0 - 0.3 * d, 1.0)
