@@ -111,7 +111,7 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
     ``p >= high`` and pixels with ``low < p < high`` are left out of the match on both sides.
     """
     label = M.as_bool(label)
-    numbers: dict = {}
+    band_numbers: dict = {}
     if rules.iou_uncertain_band is not None and prob_map is not None:
         lo, hi = rules.iou_uncertain_band
         p = np.asarray(prob_map, np.float32)
@@ -120,7 +120,7 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
         care = (p <= lo) | (p >= hi)
         pred = M.remove_small_regions(p >= hi, rules.min_pred_region_px)
         label_c, pred_c = label & care, pred & care
-        numbers.update(uncertain_band=[lo, hi], uncertain_px=int((~care).sum()))
+        band_numbers = {"uncertain_band": [lo, hi], "uncertain_px": int((~care).sum())}
     else:
         pred = M.remove_small_regions(pred, rules.min_pred_region_px)
         label_c, pred_c = label, pred
@@ -139,7 +139,7 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
         "label_area": int(label.sum()),
         "pred_area": int(pred.sum()),
         "regions": regions,
-        **numbers,
+        **band_numbers,
     }
     return Flag(RULE_IOU, suspicion=round(1.0 - score, 4), numbers=numbers)
 
