@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
 from annotator.core.masks import remove_small_regions
-from annotator.ml.backbone import STAGES, create_lite0_features, normalise, pick_device
+from annotator.ml.backbone import STAGES, create_lite0_features, full_fp32, normalise, pick_device
 
 FORMAT = "annotator.prelabel"
 FORMAT_VERSION = 2  # 2: border profile (older readers would ignore it and mis-threshold)
@@ -481,7 +481,7 @@ class Prelabeller:
         acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         done = 0
         progress(0, total, what)
-        with _torch_threads(cfg.num_threads), torch.inference_mode():
+        with _torch_threads(cfg.num_threads), full_fp32(), torch.inference_mode():
             for tiles, jobs in _tile_batches(prepped, cfg, cancel):
                 th, tw = tiles.shape[1] - 2 * cfg.context, tiles.shape[2] - 2 * cfg.context
                 scores = self._patch_scores(self.embedder(tiles, cfg.context)).cpu().numpy()
@@ -770,7 +770,7 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
         return inner
 
     rng = torch.Generator().manual_seed(cfg.seed)
-    with _torch_threads(cfg.num_threads), torch.inference_mode():
+    with _torch_threads(cfg.num_threads), full_fp32(), torch.inference_mode():
         embedder = PatchEmbedder(cfg.layers, cfg.backbone_weights, device, cfg.grid_stride, cfg.pool)
         progress(0, total, "extracting features of good images")
         # 1. the model, from the fit part only

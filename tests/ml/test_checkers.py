@@ -3,6 +3,7 @@ scores every image out-of-fold for both schemes; save/load, cancel and progress.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from annotator.core.jobs import Cancelled, CancelToken
 from annotator.ml import checkers as C
 
 SIZE = 64
-FAST = C.CheckerConfig(crop_size=64, batch_size=8, steps=60, lr=5e-3, tile_size=64, tile_overlap=16, device="cpu")
+# CPU in CI; ANNOTATOR_TEST_DEVICE=cuda runs the same tests on a GPU
+TEST_DEVICE = os.environ.get("ANNOTATOR_TEST_DEVICE", "cpu")
+FAST = C.CheckerConfig(crop_size=64, batch_size=8, steps=60, lr=5e-3, tile_size=64, tile_overlap=16, device=TEST_DEVICE)
 
 
 def fabric(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

@@ -4,6 +4,7 @@ images of any size. Tiny images and a small config keep the file fast on 2 CPU c
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from annotator.core.jobs import Cancelled, CancelToken
 from annotator.ml import prelabel as P
 
 SIZE = 96
-FAST = P.PrelabelConfig(tile=64, tile_overlap=16, coreset_max=2000, batch_size=8, device="cpu", num_threads=2)
+# CPU in CI; ANNOTATOR_TEST_DEVICE=cuda runs the same tests on a GPU
+TEST_DEVICE = os.environ.get("ANNOTATOR_TEST_DEVICE", "cpu")
+FAST = P.PrelabelConfig(tile=64, tile_overlap=16, coreset_max=2000, batch_size=8, device=TEST_DEVICE, num_threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +338,25 @@ def test_thresholds_carry_the_median_and_old_models_skip_the_cut(model, spec):
     off = P.Prelabeller(dataclasses.replace(model.config, region_peak_fraction=0.0), model.state, model.thresholds,
                         embedder=model.embedder, border={k: v for k, v in model.border.items()})
     assert np.array_equal(old.mask_from_map(m, fine, img), off.mask_from_map(m, fine, img))
+
+
+def test_features_are_computed_without_tf32_and_the_flags_are_restored(monkeypatch, goods):
+    """On CUDA, TF32 convolutions moved anomaly scores by up to 8 % (see backbone.full_fp32):
+    fitting and predicting must run the backbone in plain float32, and leave the flags as found."""
+    seen = []
+    real_call = P.PatchEmbedder.__call__
+
+    def spy_call(self, tiles, context=0):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real_call(self, tiles, context)
+
+    monkeypatch.setattr(P.PatchEmbedder, "__call__", spy_call)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # (torch's flag objects
+    try:  # cannot be monkeypatched: they are properties of module proxies)
+        m = P.fit_prelabeller(goods[:6], FAST)
+        m.predict(goods[:1])
+        assert seen and set(seen) == {(False, False)}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
