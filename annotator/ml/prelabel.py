@@ -18,8 +18,9 @@ Mahalanobis distance.
    backbone's zero padding raises and spreads the scores; every map is standardised
    ring by ring to the interior's mean and sd before anything is thresholded.
 3. The map is blurred; image score = max of the map; mask = map above the pixel
-   threshold, refined with the less blurred map (thin lines get thinner masks) and
-   cleaned; empty when the image is judged good.
+   threshold, refined with the less blurred map (thin lines get thinner masks), by
+   colour (GrabCut) and by the difference to a matched piece of good fabric
+   (:mod:`annotator.ml.reference_refine`), and cleaned; empty when the image is judged good.
 
 Used by the GUI / CLI through :func:`fit_prelabeller`, :meth:`Prelabeller.predict`,
 :meth:`Prelabeller.save` and :meth:`Prelabeller.load`.
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
 from annotator.core.masks import remove_small_regions
 from annotator.ml.backbone import STAGES, create_lite0_features, full_fp32, normalise, pick_device
+from annotator.ml.reference_refine import reference_crops, refine_with_reference
 
 FORMAT = "annotator.prelabel"
 FORMAT_VERSION = 2  # 2: border profile (older readers would ignore it and mis-threshold)
@@ -133,6 +135,13 @@ class PrelabelConfig:
     grabcut_ring: int = 6  # px
     grabcut_iters: int = 4
     grabcut_line_width: float = 6.0  # px: regions thinner than this and 5x as long are lines (left as they are)
+    # Then every region is redrawn from the difference to a matched piece of good fabric (the image itself
+    # near the region, and reference crops of good images kept in the model file); see
+    # annotator.ml.reference_refine. Pre-labels a reviewer can keep (tolerant IoU >= 0.8), 5 demo fabrics,
+    # seed 7, 8 per kind: 26 % -> 39 % of defective images (lines 2 -> 25 of 120), mean IoU 0.360 -> 0.407;
+    # real brick photographs: 4 -> 7 of 40 kept, mean IoU up on scratches and blobs.
+    reference_refine: bool = True
+    reference_images: int = 8  # good fit images kept (centre crops <= 256 px) as references; 0 = the image only
     min_region_area: int = 16  # px; smaller mask regions are dropped
     close_radius: int = 1  # px; morphological closing of the mask
     # --- runtime
@@ -157,6 +166,8 @@ class PrelabelConfig:
             raise ValueError("holdout_fraction must be in (0, 1)")
         if self.border_px < 0:
             raise ValueError("border_px must be >= 0")
+        if self.reference_images < 0:
+            raise ValueError("reference_images must be >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -450,6 +461,9 @@ class Prelabeller:
         self.border = {k: np.asarray(v, np.float64) for k, v in border.items()} if border else None
         self.device = pick_device(config.device)
         self.embedder = embedder or PatchEmbedder(config.layers, config.backbone_weights, self.device, config.grid_stride, config.pool)
+        state = dict(state)
+        refs = state.pop("references", None)  # good crops for reference_refine: stay on the CPU, as uint8
+        self.references = refs.numpy() if isinstance(refs, torch.Tensor) else refs
         self.state = {k: v.to(self.device) for k, v in state.items()}
         self.thresholds = dict(thresholds)
         self.metrics = dict(metrics or {})
@@ -564,6 +578,10 @@ class Prelabeller:
             img = _check_image(image)
             if img.shape[:2] == mask.shape:
                 mask = remove_small_regions(grabcut_regions(img, mask, cfg), cfg.min_region_area)
+        if cfg.reference_refine and image is not None and mask.any():
+            img = _check_image(image)
+            if img.shape[:2] == mask.shape:
+                mask = remove_small_regions(refine_with_reference(img, mask, self.references), cfg.min_region_area)
         return mask
 
     # ---- persistence
@@ -571,6 +589,8 @@ class Prelabeller:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if k != "bank_sq"}
+        if self.references is not None and len(self.references):
+            tensors["references"] = torch.from_numpy(np.ascontiguousarray(self.references))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -798,6 +818,7 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
         t_model = time.perf_counter()
         # 2. thresholds, from the holdout part only
         model = Prelabeller(cfg, state, {"image": float("inf"), "pixel": 1.0}, embedder=embedder)
+        model.references = reference_crops([originals[i] for i in fit_idx], cfg.reference_images)
         hold_maps: list = [None] * len(hold_imgs)
         hold_fine: list = [None] * len(hold_imgs)
         base = done[0]

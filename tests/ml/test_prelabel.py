@@ -130,6 +130,9 @@ def test_save_load_round_trip_gives_identical_predictions(model, spec, tmp_path)
     loaded = P.Prelabeller.load(tmp_path / "m1")
     after = loaded.predict(imgs)
     assert loaded.config == model.config and loaded.thresholds == model.thresholds
+    # the good reference crops of reference_refine travel with the model (fit images, not holdout ones)
+    assert model.references.shape[0] == min(FAST.reference_images, len(model.metrics["fit_indices"])) > 0
+    np.testing.assert_array_equal(loaded.references, model.references)
     for a, b in zip(before, after):
         assert a.score == b.score and a.is_defect == b.is_defect
         np.testing.assert_array_equal(a.heatmap, b.heatmap)
