@@ -1,5 +1,5 @@
 """Pre-label masks redrawn from the difference to matched good fabric (ml/reference_refine):
-a thin line under a wide, short map region comes out thin and full length; a region with
+a thin line under a wide, short map region comes out thin and longer; a region with
 no evidence under it is left alone; references are kept with the model."""
 from __future__ import annotations
 
@@ -72,3 +72,30 @@ def test_reference_crops_are_centre_crops_of_one_size():
     assert crops[1, 100, R.REFERENCE_SIZE // 2].max() == 9
     assert R.reference_crops([a, b], 1).shape[0] == 1
     assert R.reference_crops([], 8).shape[0] == 0
+
+
+def test_a_region_does_not_grow_past_the_end_of_its_line(fabric):
+    img, truth = with_line(fabric[0])
+    truth[:40] = truth[88:] = False  # a line 48 px long in the middle of the image
+    img = np.where(truth[..., None], img, fabric[0])
+    coarse = np.zeros_like(truth)
+    coarse[44:84, 56:68] = True  # elongated (a compact region would keep its old pixels)
+    refined = R.refine_with_reference(img, coarse, R.reference_crops(fabric[1:], 8))
+    rows = np.nonzero(refined.any(1))[0]
+    assert 40 - 6 <= rows[0] <= 40 + 6 and 88 - 6 <= rows[-1] <= 88 + 6
+    assert M.tolerant_iou(refined, truth, 1) >= 0.8
+
+
+def test_regions_far_from_the_origin_of_a_large_image(fabric):
+    """Refinement works on a box around each region (offsets into a larger image)."""
+    spec = random_spec(np.random.default_rng(5), style="twill")
+    big = render_fabric(spec, np.random.default_rng([9, 50]), 640)
+    img, truth = with_line(big, x=451)
+    truth[:300] = truth[500:] = False
+    img = np.where(truth[..., None], img, big)
+    coarse = np.zeros_like(truth)
+    coarse[340:460, 446:458] = True
+    refined = R.refine_with_reference(img, coarse, R.reference_crops(fabric, 8))
+    assert M.tolerant_iou(refined, truth, 1) >= 0.8
+    rows = np.nonzero(refined.any(1))[0]
+    assert 300 - 2 <= rows[0] <= 340 - 8 and 459 + 4 <= rows[-1] <= 499 + 2  # longer, not past the line
