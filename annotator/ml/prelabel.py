@@ -137,9 +137,9 @@ class PrelabelConfig:
     grabcut_line_width: float = 6.0  # px: regions thinner than this and 5x as long are lines (left as they are)
     # Then every region is redrawn from the difference to a matched piece of good fabric (the image itself
     # near the region, and reference crops of good images kept in the model file); see
-    # annotator.ml.reference_refine (which also follows lines past their ends). Pre-labels a reviewer can
-    # keep (tolerant IoU >= 0.8), 5 demo fabrics, seed 7, 8 per kind: 26 % -> 43 % of defective images
-    # (lines 2 -> 35 of 120), mean IoU 0.360 -> 0.421; see docs/benchmarks.md for real photographs.
+    # annotator.ml.reference_refine. Pre-labels a reviewer can keep (tolerant IoU >= 0.8), 5 demo fabrics,
+    # seed 7, 8 per kind: 26 % -> 40 % of defective images (lines 2 -> 25 of 120), mean IoU 0.360 -> 0.407;
+    # real brick photographs: 4 -> 7 of 40 kept (docs/benchmarks.md). Costs ~0.1 s per defective 256 px image.
     reference_refine: bool = True
     reference_images: int = 8  # good fit images kept (centre crops <= 256 px) as references; 0 = the image only
     min_region_area: int = 16  # px; smaller mask regions are dropped

@@ -1,6 +1,6 @@
 """Pre-label masks redrawn from the difference to matched good fabric (ml/reference_refine):
 a thin line under a wide, short map region comes out thin and longer; a region with
-no evidence under it is left alone; references are kept with the model."""
+no evidence under it is left alone (that the references travel with the model: test_prelabel)."""
 from __future__ import annotations
 
 import numpy as np
