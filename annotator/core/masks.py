@@ -150,6 +150,15 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     return np.isin(lab_img, keep) if keep else np.zeros_like(m)
 
 
+def regions_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The 8-connected regions of ``mask`` that contain at least one ``seed`` pixel."""
+    n, cc = cv2.connectedComponents(as_bool(mask).astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(cc[as_bool(seed)])] = True
+    keep[0] = False
+    return keep[cc]
+
+
 def to_u8(mask: np.ndarray) -> np.ndarray:
     """0/255 uint8 image of a mask, the on-disk form."""
     return np.where(as_bool(mask), 255, 0).astype(np.uint8)

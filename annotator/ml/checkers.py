@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Mapping, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from annotator.core.folds import disjoint_subsets, out_of_fold_voters
+from annotator.core.masks import regions_touching
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
 from annotator.ml.backbone import STAGES, create_lite0_features, normalise, pick_device
 
@@ -403,11 +403,7 @@ def hysteresis(prob_map: np.ndarray, high: float, low: float) -> np.ndarray:
     strong = prob_map > high
     if not 0 < low < high or not strong.any():
         return strong
-    n, cc = cv2.connectedComponents((prob_map > low).astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[np.unique(cc[strong])] = True
-    keep[0] = False
-    return keep[cc]
+    return regions_touching(prob_map > low, strong)
 
 
 def make_output(prob_map: np.ndarray, threshold: float, topk_px: int, threshold_low: float = 0.0) -> CheckerOutput:

@@ -574,14 +574,15 @@ class Prelabeller:
             k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.close_radius + 1,) * 2)
             mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
         mask = remove_small_regions(mask, cfg.min_region_area)
-        if cfg.grabcut and image is not None and mask.any():
-            img = _check_image(image)
-            if img.shape[:2] == mask.shape:
-                mask = remove_small_regions(grabcut_regions(img, mask, cfg), cfg.min_region_area)
-        if cfg.reference_refine and image is not None and mask.any():
-            img = _check_image(image)
-            if img.shape[:2] == mask.shape:
-                mask = remove_small_regions(refine_with_reference(img, mask, self.references), cfg.min_region_area)
+        if image is None or not mask.any():
+            return mask
+        img = _check_image(image)
+        if img.shape[:2] != mask.shape:
+            return mask
+        if cfg.grabcut:
+            mask = remove_small_regions(grabcut_regions(img, mask, cfg), cfg.min_region_area)
+        if cfg.reference_refine and mask.any():
+            mask = remove_small_regions(refine_with_reference(img, mask, self.references), cfg.min_region_area)
         return mask
 
     # ---- persistence

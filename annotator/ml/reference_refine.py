@@ -46,6 +46,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from annotator.core.masks import regions_touching
+
 WINDOW = 64  # px of region per matched window (longer regions are cut into several)
 PAD = 16  # px of ring around the region in each window
 EXCLUDE = 4  # px: the region is dilated by this before the ring is taken
@@ -167,11 +169,7 @@ def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, othe
         sel = zone & high
         if sel.any():
             # follow the residual beyond the old region, inside the window
-            n, cc = cv2.connectedComponents((high & ~others[cy0:cy1, cx0:cx1]).astype(np.uint8), connectivity=8)
-            keep = np.zeros(n, bool)
-            keep[np.unique(cc[sel])] = True
-            keep[0] = False
-            sel = keep[cc]
+            sel = regions_touching(high & ~others[cy0:cy1, cx0:cx1], sel)
             if sel.any():  # (empty when all of it lay in other regions)
                 contrasts.append(float(np.median(res[sel])) / max(level, 1e-6))
         out[cy0:cy1, cx0:cx1] |= sel
@@ -182,11 +180,7 @@ def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, othe
     if not line and (not contrasts or float(np.median(contrasts)) < MIN_CONTRAST):
         return None
     out = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)).astype(bool)
-    n, cc = cv2.connectedComponents(out.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[np.unique(cc[region & out])] = True  # parts that touch the old region
-    keep[0] = False
-    out = keep[cc]
+    out = regions_touching(out, region & out)  # parts that touch the old region
     area, old = int(out.sum()), int(region.sum())
     if not (MIN_KEEP * old <= area <= MAX_GROW * old) or area < 4:
         return None
