@@ -106,10 +106,16 @@ def cmd_check(a) -> int:
 
     bar = _Bar(a.quiet)
     rules = FlagRules(iou_threshold=a.iou_threshold, operation=a.operation)
+    checker_config = None
+    if a.label_input is not None:
+        from annotator.ml.checkers import CheckerConfig
+
+        checker_config = CheckerConfig(label_input=a.label_input)
     with _open(a.project) as p:
         try:
             summary = check_project(p, variant=a.variant, folds=a.folds, scheme=a.scheme, rules=rules,
-                                    on_progress=bar, resend_overruled=a.resend_overruled)
+                                    checker_config=checker_config, on_progress=bar,
+                                    resend_overruled=a.resend_overruled)
         finally:
             bar.close()
     _print_json(summary)
@@ -237,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disjoint: the patent's N disjoint subsets; kfold: each checker trains on N-1 folds")
     p.add_argument("--operation", choices=("mean", "sum"), default="mean", help="how the N probabilities combine")
     p.add_argument("--iou-threshold", type=float, default=0.8)
+    p.add_argument("--label-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="checkers also see the label under check (fewer false flags, fewer caught; default: image only)")
     p.add_argument("--resend-overruled", action="store_true",
                    help="send back labels a person already kept against a flag (default: record, do not resend)")
     p.add_argument("--quiet", action="store_true")

@@ -39,8 +39,11 @@ def _false_region(shape: tuple[int, int], avoid: np.ndarray, rng: np.random.Gene
     return np.zeros(shape, bool)
 
 
-def inject_error(truth: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+def inject_error(truth: np.ndarray, kind: str, rng: np.random.Generator,
+                 rings: tuple[int, int] = (3, 5)) -> np.ndarray:
     """Return a wrong version of ``truth`` with one error of ``kind``.
+
+    ``expanded`` / ``shrunk`` move the region's border by a ring of ``rings[0]..rings[1]`` px.
 
     ``missing`` and ``expanded``/``shrunk`` need a defect in ``truth``; on a defect-free
     mask only ``false`` is possible, and the function falls back to it. ``shrunk`` on a
@@ -56,7 +59,7 @@ def inject_error(truth: np.ndarray, kind: str, rng: np.random.Generator) -> np.n
     region = regions[int(rng.integers(len(regions)))]
     own = labels == region.index
     rest = truth & ~own
-    ring = int(rng.integers(3, 6))
+    ring = int(rng.integers(rings[0], rings[1] + 1))
     if kind == "missing":
         return rest
     if kind == "expanded":

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from annotator.core import masks as M
 from annotator.core.jobs import Cancelled, CancelToken
@@ -15,7 +16,10 @@ from annotator.ml import checkers as C
 SIZE = 64
 # CPU in CI; ANNOTATOR_TEST_DEVICE=cuda runs the same tests on a GPU
 TEST_DEVICE = os.environ.get("ANNOTATOR_TEST_DEVICE", "cpu")
-FAST = C.CheckerConfig(crop_size=64, batch_size=8, steps=60, lr=5e-3, tile_size=64, tile_overlap=16, device=TEST_DEVICE)
+FAST = C.CheckerConfig(crop_size=64, batch_size=8, steps=60, lr=5e-3, tile_size=64, tile_overlap=16, device=TEST_DEVICE,
+                       label_input=False)
+# a checker that also sees the label under check (CheckerConfig.label_input)
+FAST_LABEL = dataclasses.replace(FAST, label_input=True, steps=120)
 
 
 def fabric(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
@@ -132,7 +136,8 @@ def test_augment_names_and_checkers_saved_with_a_bool():
     assert C.CheckerConfig().augmentations == {"flip", "rot90", "jitter"}
     assert C.CheckerConfig(augment="flip+jitter").augmentations == {"flip", "jitter"}
     assert C.CheckerConfig.from_json({"augment": False}).augmentations == set()
-    assert C.CheckerConfig.from_json({"augment": True}) == C.CheckerConfig()
+    # a checker saved before label_input existed saw the image only
+    assert C.CheckerConfig.from_json({"augment": True}) == C.CheckerConfig(label_input=False)
 
 
 def test_no_rot90_keeps_the_orientation_of_every_training_crop():
@@ -166,14 +171,93 @@ def test_image_probability_is_the_top_k_mean():
     assert out.defect_prob == pytest.approx(0.5) and out.area == 4
 
 
+# ----------------------------------------------------------------------------- label input
+
+@pytest.fixture(scope="module")
+def label_checker() -> C.Checker:
+    images, masks = dataset(12, seed=1)
+    return C.train_checker(images, masks, FAST_LABEL)
+
+
+def test_label_checker_leaves_right_labels_alone_and_redraws_wrong_ones(label_checker, held_out):
+    images, truths = held_out
+    n = len(images)
+    exact = label_checker.predict(images, labels=truths)
+    assert all(M.iou(o.mask, t) >= 0.8 for o, t in zip(exact, truths)), [M.iou(o.mask, t) for o, t in zip(exact, truths)]
+    # expanded by a ring: the prediction goes back to the defect, away from the wrong label
+    ringed = [M.dilate(t, 4) for t in truths]
+    outs = label_checker.predict(images, labels=ringed)
+    assert np.mean([M.iou(o.mask, r) for o, r in zip(outs, ringed)]) < 0.8
+    assert all(M.iou(o.mask, t) > M.iou(o.mask, r) for o, t, r in zip(outs, truths, ringed))
+    # missed: an empty label on a defective image -> the defect is predicted anyway
+    missed = label_checker.predict(images, labels=[np.zeros_like(t) for t in truths])
+    assert sum(M.iou(o.mask, t) > 0.5 for o, t in zip(missed, truths)) >= n - 1
+    # false: a blob on defect-free fabric is not predicted
+    good = fabric(np.random.default_rng(5))
+    blob = np.zeros((SIZE, SIZE), bool)
+    blob[20:32, 24:36] = True
+    out = label_checker.predict([good], labels=[blob])[0]
+    assert out.area < 15 and out.defect_prob < 0.5
+
+
+def test_label_checker_needs_a_label_of_the_image_size(label_checker, held_out):
+    img = held_out[0][0]
+    with pytest.raises(ValueError, match="label shape"):
+        label_checker.prob_map(img, np.zeros((SIZE, SIZE + 1), bool))
+    with pytest.raises(ValueError, match="one label per image"):
+        label_checker.predict([img, img], labels=[np.zeros((SIZE, SIZE), bool)])
+    with pytest.raises(ValueError, match="takes the label"):
+        label_checker.net(torch.zeros(1, 3, 32, 32))
+
+
+def test_label_checker_save_load_and_tiles(label_checker, held_out, tmp_path):
+    loaded = C.Checker.load(label_checker.save(tmp_path / "ck"))
+    assert loaded.config == label_checker.config and loaded.config.label_input
+    images, truths = held_out
+    for a, b in zip(label_checker.predict(images[:2], labels=truths[:2]), loaded.predict(images[:2], labels=truths[:2])):
+        np.testing.assert_array_equal(a.prob_map, b.prob_map)
+    # tiles: the label is cut into the same tiles as the image
+    rng = np.random.default_rng(8)
+    pairs = [sample(rng) for _ in range(4)]
+    big = np.concatenate([np.concatenate([p[0] for p in pairs[:2]], 1), np.concatenate([p[0] for p in pairs[2:]], 1)], 0)
+    truth = np.concatenate([np.concatenate([p[1] for p in pairs[:2]], 1), np.concatenate([p[1] for p in pairs[2:]], 1)], 0)
+    out = label_checker.predict([big], labels=[truth])[0]
+    assert out.prob_map.shape == big.shape[:2] and M.iou(out.mask, truth) >= 0.8
+
+
+def test_training_inputs_carry_the_patents_label_anomalies_in_the_set_share():
+    img = np.zeros((96, 96, 3), np.uint8)
+    mask = np.zeros((96, 96), bool)
+    mask[30:60, 30:60] = True
+    cfg = C.CheckerConfig(crop_size=96, label_input=True, label_noise=0.5, augment="none")
+    sampler = C._CropSampler([img], [mask], cfg, np.random.default_rng(0))
+    target = sampler.data[0][1]
+    seen = [sampler._label_input(target) for _ in range(400)]
+    changed = [s for s in seen if not np.array_equal(s, target)]
+    assert 0.4 < len(changed) / len(seen) < 0.6
+    areas = {int(s.sum()) for s in changed}
+    assert 0 in areas  # missed
+    assert any(a > 900 + 2 * 30 * 4 for a in areas)  # expanded by a ring of >= 2 px
+    assert any(0 < a < 900 - 2 * 28 * 2 for a in areas)  # shrunk
+    far = ~M.dilate(mask, 6)  # beyond the largest ring
+    assert any(s[far].any() and s[mask].all() for s in changed)  # a false region added
+    assert all(s.dtype == np.float32 and s.shape == target.shape for s in seen)
+    x, y, lab = sampler.batch(6, torch.device("cpu"))
+    assert lab.shape == y.shape == (6, 1, 96, 96)
+    off = C._CropSampler([img], [mask], dataclasses.replace(cfg, label_input=False), np.random.default_rng(0))
+    assert off.batch(2, torch.device("cpu"))[2] is None
+
+
 # ----------------------------------------------------------------------------- ensemble
 
 class _SpyChecker:
     def __init__(self, model: int, log: dict) -> None:
         self.model, self.log = model, log
 
-    def predict(self, images, on_progress=None, cancel=None):
+    def predict(self, images, on_progress=None, cancel=None, labels=None):
         self.log["scored"].setdefault(self.model, []).extend(int(i[0, 0, 0]) for i in images)
+        # each image is checked against its own label (labels[k][0, 0] encodes k's id too)
+        assert labels is not None and [int(m[0, 0]) for m in labels] == [int(i[0, 0, 0]) for i in images]
         return [C.make_output(np.full(i.shape[:2], 0.1 * (self.model + 1), np.float32), 0.5, 16) for i in images]
 
 
@@ -188,7 +272,7 @@ def test_out_of_fold_every_image_is_scored_only_by_models_that_did_not_train_on_
     monkeypatch.setattr(C, "train_checker", spy_train)
     n = 11
     images = {f"img{i}": np.full((8, 8, 3), i, np.uint8) for i in range(n)}
-    labels = {k: np.zeros((8, 8), bool) for k in images}
+    labels = {k: np.full((8, 8), int(k[3:]), np.int32) for k in images}
     run = C.run_checkers(images, labels, n_models=n_models, scheme=scheme, config=FAST, seed=3)
 
     # the subsets are pairwise disjoint and cover all images
@@ -239,3 +323,26 @@ def test_run_checkers_end_to_end_with_progress_and_cancel():
         C.run_checkers(dict(zip(keys, images)), dict(zip(keys, masks)), n_models=2, config=cfg, cancel=token)
     with pytest.raises(ValueError):
         C.run_checkers(dict(zip(keys, images)), {"k0": masks[0]}, config=cfg)
+
+
+def test_label_views_average_the_predictions_of_dilated_and_eroded_labels(label_checker, held_out):
+    img, truth = held_out[0][0], held_out[1][0]
+    single = {v: dataclasses.replace(label_checker.config, label_views=(v,)) for v in (0, 3, -3)}
+    maps = []
+    for v, cfg in single.items():
+        label_checker.config = cfg
+        maps.append(label_checker.prob_map(img, truth))
+    try:
+        label_checker.config = dataclasses.replace(cfg, label_views=(0, 3, -3))
+        np.testing.assert_allclose(label_checker.prob_map(img, truth), np.mean(maps, axis=0), atol=1e-6)
+        label_checker.config = dataclasses.replace(cfg, label_views=(0,))  # view +3 == the label dilated by 3
+        np.testing.assert_allclose(label_checker.prob_map(img, M.dilate(truth, 3)), maps[1], atol=1e-6)
+    finally:
+        label_checker.config = dataclasses.replace(cfg, label_views=(0,))
+    assert not np.allclose(maps[0], maps[1])
+    with pytest.raises(ValueError):
+        C.CheckerConfig(label_views=())
+    with pytest.raises(ValueError):
+        C.CheckerConfig(label_noise=1.5)
+    with pytest.raises(ValueError):
+        C.CheckerConfig(label_noise_rings=(3, 1))

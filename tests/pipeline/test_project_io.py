@@ -173,3 +173,16 @@ def test_cli_bench_prelabel_quick_json_and_subtle_flag():
     assert ours["fit_seconds"] > 0 and "anomalib" not in ds
     r = run_cli("bench", "ui", "--subtle")
     assert r.returncode == 1 and "--subtle" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cli_check_passes_the_checker_choice(monkeypatch, tmp_path):
+    import annotator.pipeline.check as check
+    from annotator import cli
+
+    seen = []
+    monkeypatch.setattr(check, "check_project", lambda p, **kw: seen.append(kw["checker_config"]) or {"flagged": 0})
+    proj = tmp_path / "p"
+    assert cli.main(["init", str(proj)]) == 0
+    for flag in ([], ["--no-label-input"], ["--label-input"]):
+        assert cli.main(["check", str(proj), "--quiet", *flag]) == 0
+    assert [c if c is None else c.label_input for c in seen] == [None, False, True]
