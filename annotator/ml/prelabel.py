@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -535,12 +536,32 @@ class Prelabeller:
 
     # ---- public
     def predict(self, images: Sequence[np.ndarray], on_progress: Optional[ProgressFn] = None,
-                cancel: Optional[CancelToken] = None) -> list[PrelabelResult]:
-        """Score, heatmap and mask per image (any size, HxWx3 uint8 BGR)."""
+                cancel: Optional[CancelToken] = None, workers: Optional[int] = None) -> list[PrelabelResult]:
+        """Score, heatmap and mask per image (any size, HxWx3 uint8 BGR).
+
+        An image's mask (GrabCut, reference refinement: OpenCV and NumPy, which release the GIL)
+        is drawn in a pool of ``workers`` threads (None: one per CPU core, at most 8; 1: in this
+        thread) while the backbone scores the next tiles, so the CPU work overlaps the GPU's, and
+        several masks are drawn at once on a many-core machine.
+        """
         images = list(images)
         out: list[Optional[PrelabelResult]] = [None] * len(images)
-        for i, m, fine in self.raw_maps(images, on_progress, cancel):
-            out[i] = self._result(m, fine, images[i])
+        workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+        if workers == 1 or len(images) < 2:
+            for i, m, fine in self.raw_maps(images, on_progress, cancel):
+                out[i] = self._result(m, fine, images[i])
+            return out  # type: ignore[return-value]
+        with ThreadPoolExecutor(workers, thread_name_prefix="prelabel-mask") as pool:
+            pending = {}
+            try:
+                for i, m, fine in self.raw_maps(images, on_progress, cancel):
+                    pending[i] = pool.submit(self._result, m, fine, images[i])
+                for i, future in pending.items():
+                    out[i] = future.result()
+            except BaseException:
+                for future in pending.values():
+                    future.cancel()
+                raise
         return out  # type: ignore[return-value]
 
     def _result(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
@@ -680,6 +701,10 @@ def grabcut_regions(image: np.ndarray, mask: np.ndarray, cfg: PrelabelConfig) ->
             seed[region] = cv2.GC_PR_BGD
             seed[core] = cv2.GC_FGD
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        # GrabCut seeds its colour models by k-means from OpenCV's per-thread RNG: without a fixed
+        # seed a region's mask would depend on what that thread cut before (the order of images,
+        # the worker thread that drew it)
+        cv2.setRNGSeed(0)
         try:
             cv2.grabCut(np.ascontiguousarray(image[y0:y1, x0:x1]), seed, None, bgd, fgd, cfg.grabcut_iters,
                         cv2.GC_INIT_WITH_MASK)

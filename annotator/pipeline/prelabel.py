@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Optional
+from typing import Iterator, Optional
 
 from annotator.core.jobs import CancelToken, Cancelled, ProgressFn, check_cancel, no_progress
 from annotator.core.review import Review
@@ -59,19 +59,39 @@ def prelabel_project(project: Project, config=None, on_progress: ProgressFn = no
     rnd = review.start_prelabel_round()
     done = defective = 0
     try:
-        for k, rec in enumerate(targets):
+        for chunk in _chunks(targets):
             check_cancel(cancel)
-            result = model.predict([_load(project, rec.id)])[0]
-            with project.transaction():
-                review.record_prelabel(rnd, rec.id, result.mask, None, result.score, result.is_defect)
-                project.set_heatmap(rec.id, result.heatmap)
-            done += 1
-            defective += bool(result.is_defect)
-            on_progress(k + 1, len(targets), "pre-labelling")
+            # a few images per call: the backbone scores them in batches and their masks are
+            # drawn in parallel (Prelabeller.predict); each is still committed on its own
+            results = model.predict([_load(project, rec.id) for rec in chunk], cancel=cancel)
+            for rec, result in zip(chunk, results):
+                check_cancel(cancel)
+                with project.transaction():
+                    review.record_prelabel(rnd, rec.id, result.mask, None, result.score, result.is_defect)
+                    project.set_heatmap(rec.id, result.heatmap)
+                done += 1
+                defective += bool(result.is_defect)
+                on_progress(done, len(targets), "pre-labelling")
     finally:
         summary = review.end_prelabel_round(rnd)
     summary.update(prelabelled_now=done, defective_now=defective)
     return summary
+
+
+def _chunks(records: list, max_images: int = 8, max_pixels: int = 8_000_000) -> Iterator[list]:
+    """Consecutive groups of at most ``max_images`` images and ``max_pixels`` pixels (at least one
+    image each), so a folder of 12000 x 9000 photographs is not loaded all at once."""
+    chunk: list = []
+    pixels = 0
+    for rec in records:
+        size = int(rec.width) * int(rec.height)
+        if chunk and (len(chunk) >= max_images or pixels + size > max_pixels):
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(rec)
+        pixels += size
+    if chunk:
+        yield chunk
 
 
 def load_model1(project: Project):

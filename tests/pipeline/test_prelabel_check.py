@@ -148,3 +148,17 @@ def test_check_does_not_resend_a_mask_the_person_kept_against_a_flag(tmp_path, d
         again = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict,
                               resend_overruled=True)
         assert again["overruled"] == 0 and {review.state(i) for i in kept} == {"flagged"}
+
+
+def test_prelabel_works_through_groups_bounded_by_count_and_pixels():
+    from types import SimpleNamespace
+
+    from annotator.pipeline.prelabel import _chunks
+
+    small = [SimpleNamespace(width=256, height=256) for _ in range(19)]
+    assert [len(c) for c in _chunks(small)] == [8, 8, 3]
+    huge = SimpleNamespace(width=12000, height=9000)  # 108 MP: alone, but never skipped
+    mixed = small[:2] + [huge] + small[:3]
+    assert [len(c) for c in _chunks(mixed)] == [2, 1, 3]
+    assert [r for c in _chunks(mixed) for r in c] == mixed
+    assert list(_chunks([])) == []
