@@ -346,3 +346,17 @@ def test_label_views_average_the_predictions_of_dilated_and_eroded_labels(label_
         C.CheckerConfig(label_noise=1.5)
     with pytest.raises(ValueError):
         C.CheckerConfig(label_noise_rings=(3, 1))
+
+
+def test_run_checkers_feeds_each_image_its_own_label_end_to_end():
+    images, masks = dataset(6, seed=4)
+    keys = [f"k{i}" for i in range(6)]
+    run = C.run_checkers(dict(zip(keys, images)), dict(zip(keys, masks)), n_models=2,
+                         config=dataclasses.replace(FAST_LABEL, steps=3))
+    assert all(c.config.label_input for c in run.checkers) and set(run.checks) == set(keys)
+    for k, img, mask in zip(keys, images, masks):
+        check = run.checks[k]
+        (voter,) = check.voters
+        want = run.checkers[voter].prob_map(img, mask)
+        np.testing.assert_allclose(check.pred_prob_map, want, atol=1e-6)
+        assert not np.allclose(run.checkers[voter].prob_map(img, ~mask), want)
