@@ -405,7 +405,8 @@ class Checker:
             lab = np.zeros((h, w), bool) if label is None else np.asarray(label) != 0
             if lab.shape != (h, w):
                 raise ValueError(f"label shape {lab.shape} != image size {(h, w)}")
-            views = [np.pad((M.dilate(lab, v) if v > 0 else M.erode(lab, -v)).astype(np.float32), pad,
+            # uint8 views (a 12000 x 9000 label costs 108 MB each), float per tile
+            views = [np.pad((M.dilate(lab, v) if v > 0 else M.erode(lab, -v)).astype(np.uint8), pad,
                             mode="symmetric") for v in cfg.label_views]
         weight = np.outer(_ramp(th, cfg.tile_overlap if len(ys) > 1 else 0),
                           _ramp(tw, cfg.tile_overlap if len(xs) > 1 else 0))
@@ -421,7 +422,7 @@ class Checker:
             probs = 0.0
             for lab in views:
                 l_t = None if lab is None else torch.from_numpy(
-                    np.stack([lab[y:y + th, x:x + tw] for y, x in chunk])[:, None]).to(self.device)
+                    np.stack([lab[y:y + th, x:x + tw] for y, x in chunk])[:, None].astype(np.float32)).to(self.device)
                 probs = probs + torch.sigmoid(self.net(x_t, l_t))[:, 0].float().cpu().numpy()
             probs = probs / len(views)
             for (y, x), p in zip(chunk, probs):
