@@ -12,8 +12,13 @@ from annotator import __version__
 
 
 class _Bar:
-    """tqdm progress bar fed by ``on_progress(done, total, message)``; silent when not a TTY
-    and ``quiet``."""
+    """tqdm progress bar fed by ``on_progress(done, total, message)``; silent with ``quiet``.
+
+    One bar per stretch of work (a new one when the total changes or the count starts again):
+    the message only changes its label, so a job that reports "step 5/800, loss 1.03" every step
+    keeps one bar with a true rate. Off a terminal (a log file, a pipe) it writes a line at most
+    every 10 s instead of one per update.
+    """
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
@@ -25,13 +30,15 @@ class _Bar:
             return
         from tqdm import tqdm
 
-        if self.bar is None or message != self.message or (total and self.bar.total != total):
+        if self.bar is None or (total or None) != self.bar.total or done < self.bar.n:
             self.close()
             self.bar = tqdm(total=total or None, desc=message, unit="it", file=sys.stderr, leave=False,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
             self.message = message
-        self.bar.n = done
-        self.bar.refresh()
+        elif message != self.message:
+            self.bar.set_description_str(message, refresh=False)
+            self.message = message
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -186,3 +186,24 @@ def test_cli_check_passes_the_checker_choice(monkeypatch, tmp_path):
     for flag in ([], ["--no-label-input"], ["--label-input"]):
         assert cli.main(["check", str(proj), "--quiet", *flag]) == 0
     assert [c if c is None else c.label_input for c in seen] == [None, False, True]
+
+
+def test_cli_progress_keeps_one_bar_per_stretch_and_is_terse_off_a_terminal(capsys):
+    from annotator.cli import _Bar
+
+    bar = _Bar()
+    for i in range(1, 801):  # a message that changes every step keeps the same bar
+        bar(i, 800, f"training checker: step {i}/800")
+    first = bar.bar
+    assert first.n == 800 and bar.message == "training checker: step 800/800"
+    bar(1, 50, "pre-labelling")  # a new total: a new bar
+    assert bar.bar is not first and bar.bar.n == 1
+    second = bar.bar
+    bar(0, 50, "again")  # the count starts again: a new bar too
+    assert bar.bar is not second
+    bar.close()
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").split("\n") if ln.strip()]
+    assert len(lines) < 20, len(lines)  # not one line per update when stderr is not a terminal
+    quiet = _Bar(quiet=True)
+    quiet(1, 2, "x")
+    assert quiet.bar is None
