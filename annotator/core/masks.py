@@ -159,6 +159,13 @@ def regions_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return keep[cc]
 
 
+def rect_sides(mask: np.ndarray) -> tuple[float, float]:
+    """(short, long) side in px of the minimum-area rectangle around a non-empty mask's pixels:
+    how thin and how long a region is, whatever its angle."""
+    (_, _), (a, b), _ = cv2.minAreaRect(cv2.findNonZero(as_bool(mask).astype(np.uint8)))
+    return min(a, b), max(a, b)
+
+
 def to_u8(mask: np.ndarray) -> np.ndarray:
     """0/255 uint8 image of a mask, the on-disk form."""
     return np.where(as_bool(mask), 255, 0).astype(np.uint8)

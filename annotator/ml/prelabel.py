@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
-from annotator.core.masks import remove_small_regions
+from annotator.core.masks import rect_sides, remove_small_regions
 from annotator.ml.backbone import STAGES, create_lite0_features, full_fp32, normalise, pick_device
 from annotator.ml.reference_refine import reference_crops, refine_with_reference
 
@@ -661,9 +661,7 @@ def cut_regions_below_peak_fraction(m: np.ndarray, mask: np.ndarray, base: float
 
 def _is_line(region: np.ndarray, width: float) -> bool:
     """A thin, elongated region: its minimum-area rectangle is under ``width`` px and 5x as long."""
-    pts = cv2.findNonZero(region.astype(np.uint8))
-    (_, _), (a, b), _ = cv2.minAreaRect(pts)
-    short, long_ = min(a, b), max(a, b)
+    short, long_ = rect_sides(region)
     return short < width and long_ >= 5 * max(short, 1.0)
 
 

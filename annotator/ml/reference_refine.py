@@ -46,7 +46,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from annotator.core.masks import regions_touching
+from annotator.core.masks import rect_sides, regions_touching
 
 WINDOW = 64  # px of region per matched window (longer regions are cut into several)
 PAD = 16  # px of ring around the region in each window
@@ -84,8 +84,8 @@ def _spans(a: int, b: int, size: int) -> list[tuple[int, int]]:
 
 
 def _is_elongated(region: np.ndarray) -> bool:
-    (_, _), (a, b), _ = cv2.minAreaRect(cv2.findNonZero(region.astype(np.uint8)))
-    return max(a, b) >= LINE_ASPECT * max(min(a, b), 1.0)
+    short, long_ = rect_sides(region)
+    return long_ >= LINE_ASPECT * max(short, 1.0)
 
 
 def _grey(img: np.ndarray) -> np.ndarray:

@@ -86,3 +86,13 @@ def test_regions_are_numbered_in_raster_order_of_first_pixel():
         assert r.area == len(ys)
     assert firsts == sorted(firsts)
     assert [r.index for r in regions] == list(range(1, len(regions) + 1))
+
+
+def test_rect_sides_measure_a_region_whatever_its_angle():
+    import cv2
+
+    m = np.zeros((100, 100), np.uint8)
+    cv2.line(m, (10, 10), (80, 80), 1, 3)  # a 3-px line, ~99 px long, at 45 degrees
+    short, long_ = M.rect_sides(m)
+    assert 2 <= short <= 5 and 95 <= long_ <= 105
+    assert M.rect_sides(np.ones((4, 9), bool)) == pytest.approx((3.0, 8.0), abs=1.0)
