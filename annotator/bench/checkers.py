@@ -25,11 +25,14 @@ from annotator.core.label_noise import ERROR_KINDS, inject_error
 VARIANTS = {
     "iou_exact": ("iou", FlagRules(iou_tolerance_px=0)),
     "iou_tol1": ("iou", FlagRules(iou_tolerance_px=1)),
+    "iou_tol1_no_image": ("iou", FlagRules(iou_tolerance_px=1, image_support=False)),
     "iou_tol2": ("iou", FlagRules(iou_tolerance_px=2)),
     "iou_tol1_band": ("iou", FlagRules(iou_tolerance_px=1, iou_uncertain_band=(0.2, 0.8))),
     "ensemble_mean": ("ensemble", FlagRules(operation="mean")),
+    "ensemble_mean_no_image": ("ensemble", FlagRules(operation="mean", image_support=False)),
     "ensemble_sum": ("ensemble", FlagRules(operation="sum")),
     "both_tol1_mean": ("both", FlagRules(iou_tolerance_px=1, operation="mean")),
+    "both_tol1_mean_no_image": ("both", FlagRules(iou_tolerance_px=1, operation="mean", image_support=False)),
     "both_exact_mean": ("both", FlagRules(iou_tolerance_px=0, operation="mean")),
 }
 
@@ -58,14 +61,15 @@ def inject(truth: dict, error_rate: float, rng: np.random.Generator) -> tuple[di
     return noisy, errors
 
 
-def flagged_by(variant: str, labels: dict, checks: dict) -> set:
+def flagged_by(variant: str, labels: dict, checks: dict, images: dict) -> set:
     which, rules = VARIANTS[variant]
     out = set()
     for key, check in checks.items():
-        if which in ("iou", "both") and iou_flag(labels[key], check.pred_mask, rules, check.pred_prob_map) is not None:
+        if which in ("iou", "both") and iou_flag(labels[key], check.pred_mask, rules, check.pred_prob_map,
+                                                 images[key]) is not None:
             out.add(key)
         if which in ("ensemble", "both") and probability_flag(
-                check.probs, bool(labels[key].any()), check.pred_area, rules) is not None:
+                check.probs, bool(labels[key].any()), check.pred_area, rules, labels[key], images[key]) is not None:
             out.add(key)
     return out
 
@@ -119,7 +123,7 @@ def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_
         pred_iou = float(np.mean([M.iou(result.checks[k].pred_mask, truth[k]) for k in truth if truth[k].any()]))
         per_style[style] = {"images": len(images), "pred_iou_vs_truth_defective": round(pred_iou, 3)}
         for v in VARIANTS:
-            flagged = flagged_by(v, noisy, result.checks)
+            flagged = flagged_by(v, noisy, result.checks, images)
             per_style[style][v] = score(flagged, errors, len(images))
             totals[v]["flagged"] |= {(style, k) for k in flagged}
             totals[v]["errors"].update({(style, k): kind for k, kind in errors.items()})

@@ -48,9 +48,18 @@ def describe_flag(flag: Flag) -> FlagView:
     if flag.rule == "iou":
         iou, thr = n.get("iou", 0.0), n.get("threshold", 0.8)
         tol = n.get("tolerance_px", 0)
-        reason = (f"The checkers' mask matches the label with IoU {iou:.2f}, below the threshold {thr:.2f}"
+        evidence = "iou_checker" in n  # label pixels the image itself supports counted as matched
+        reason = (f"The checkers' mask{', with what the image itself shows,' if evidence else ''} matches the label "
+                  f"with IoU {iou:.2f}" + (f", below the threshold {thr:.2f}" if iou < thr else "")
                   + (f" (boundary tolerance {tol} px)." if tol else "."))
+        if iou >= thr and n.get("uncovered_regions"):
+            regs = ", ".join(str(i) for i in n["uncovered_regions"])
+            reason += (f" But region {regs} is mostly neither predicted nor unlike the fabric around it: "
+                       f"is it a defect?")
         rows += [("IoU", f"{iou:.2f}  (threshold {thr:.2f})")]
+        if evidence:
+            rows += [("IoU, checkers alone", f"{n['iou_checker']:.2f}"),
+                     ("Supported by the image", f"{n.get('supported_px', 0)} px")]
         if "iou_exact" in n:
             rows.append(("IoU, exact pixels", f"{n['iou_exact']:.2f}"))
         rows += [("Label area", f"{n.get('label_area', 0)} px"), ("Predicted area", f"{n.get('pred_area', 0)} px")]
@@ -63,6 +72,9 @@ def describe_flag(flag: Flag) -> FlagView:
         if flag.rule == "wrong_label":
             reason = (f"You marked a defect, but the {op} of the checkers' defect probabilities is {agg:.2f}, "
                       f"below {thr:.2f}.")
+            if "label_supported" in n:
+                reason += " Nor does the image show all of the marked area unlike the fabric around it."
+                rows.append(("Label unlike its surroundings", f"{100 * n['label_supported']:.0f} %"))
         else:
             reason = (f"The label marks no defect, but the {op} of the checkers' probabilities is {agg:.2f} "
                       f"(above {thr:.2f}) over {n.get('pred_area', 0)} px "

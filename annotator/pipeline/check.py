@@ -15,15 +15,16 @@ VARIANTS = ("iou", "ensemble", "both")
 CHECKABLE = ("prechecked", "flagged", "accepted")
 
 
-def flags_for(label_mask, check, variant: str, rules: FlagRules) -> list[FlagSpec]:
-    """Apply the flag rules of ``variant`` to one image's out-of-fold checker result."""
+def flags_for(label_mask, check, variant: str, rules: FlagRules, image=None) -> list[FlagSpec]:
+    """Apply the flag rules of ``variant`` to one image's out-of-fold checker result (``image``:
+    the picture itself, for the IoU rule's image evidence)."""
     specs = []
     if variant in ("iou", "both"):
-        f = iou_flag(label_mask, check.pred_mask, rules, check.pred_prob_map)
+        f = iou_flag(label_mask, check.pred_mask, rules, check.pred_prob_map, image)
         if f is not None:
             specs.append(FlagSpec(f.rule, f.suspicion, {**f.numbers, "voters": list(check.voters)}, check.pred_mask))
     if variant in ("ensemble", "both"):
-        f = probability_flag(check.probs, bool(label_mask.any()), check.pred_area, rules)
+        f = probability_flag(check.probs, bool(label_mask.any()), check.pred_area, rules, label_mask, image)
         if f is not None:
             specs.append(FlagSpec(f.rule, f.suspicion, f.numbers, check.pred_mask))
     return specs
@@ -63,7 +64,7 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     # An image edited while the checkers trained is not judged on its old label: it stays
     # pre-checked and is covered by the next round.
     unchanged = [i for i in images if project.current_label(i).id == current[i].id]
-    flags_by_image = {i: flags_for(labels[i], run.checks[i], variant, rules) for i in unchanged}
+    flags_by_image = {i: flags_for(labels[i], run.checks[i], variant, rules, images[i]) for i in unchanged}
     overruled = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}
     rnd = review.start_check_round()
     summary = review.record_check_results(rnd, flags_by_image, overruled=overruled)

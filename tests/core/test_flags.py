@@ -120,3 +120,59 @@ def test_uncertain_band_validation_and_size_check():
     assert rules.iou_uncertain_band == (0.3, 0.7)
     with pytest.raises(ValueError, match="differ in size"):
         iou_flag(disk(5), disk(5), rules, np.zeros((10, 10), np.float32))
+
+
+# ---------------------------------------------------------------- image evidence
+
+
+def _fabric(seed=0, size=128):
+    """Stripes with pixel noise (BGR) and a faint 2-px vertical line at x = 61..62, rows 14..114."""
+    rng = np.random.default_rng(seed)
+    grey = np.tile(np.where(np.arange(size) % 6 < 2, 100.0, 150.0), (size, 1)) + rng.normal(0, 10, (size, size))
+    line = np.zeros((size, size), bool)
+    line[14:114, 61:63] = True
+    grey[line] -= 20
+    return np.repeat(np.clip(grey, 0, 255)[..., None], 3, 2).astype(np.uint8), line
+
+
+def test_image_evidence_lifts_a_flag_on_an_under_segmented_correct_line():
+    image, line = _fabric()
+    pred = line.copy()
+    pred[40:, :] = False  # the checker saw a quarter of the line
+    assert iou_flag(line, pred, FlagRules()).numbers["iou"] < 0.8  # no image: the plain rule
+    assert iou_flag(line, pred, FlagRules(image_support=False), image=image) is not None
+    assert iou_flag(line, pred, FlagRules(), image=image) is None
+    assert iou_flag(line, np.zeros_like(line), FlagRules(), image=image) is None  # it saw nothing
+
+
+def test_image_evidence_keeps_label_errors_on_normal_fabric():
+    image, line = _fabric(seed=1)
+    expanded = M.dilate(line, 4)  # the ring of an expanded label is plain fabric
+    flag = iou_flag(expanded, line, FlagRules(), image=image)
+    assert flag is not None and flag.numbers["iou"] < 0.8
+    assert flag.numbers["iou_checker"] == flag.numbers["iou"]  # nothing of the ring was supported
+    assert flag.numbers["support"] and not any(p["supported"] for p in flag.numbers["support"])
+    # a small false mark beside the under-segmented line: with the evidence the IoU passes
+    # (200 of 236 px), but the mark's region stays uncovered
+    mark = np.zeros_like(line)
+    mark[60:66, 20:26] = True
+    part = line.copy()
+    part[40:, :] = False
+    flag = iou_flag(line | mark, part, FlagRules(), image=image)
+    assert flag is not None and flag.numbers["iou"] >= 0.8 > flag.numbers["iou_checker"]
+    labels, _ = M.label_regions(line | mark)
+    assert flag.numbers["uncovered_regions"] == [int(labels[62, 22])]
+
+
+def test_image_evidence_overrules_a_wrong_label_vote_only_where_the_image_shows_a_defect():
+    image, line = _fabric(seed=2)
+    low = {0: 0.1, 1: 0.05, 2: 0.2}  # the checkers do not know this kind
+    assert probability_flag(low, True, 0, FlagRules()).rule == RULE_WRONG  # without the image
+    assert probability_flag(low, True, 0, FlagRules(), line, image) is None
+    assert probability_flag(low, True, 0, FlagRules(image_support=False), line, image) is not None
+    mark = np.zeros_like(line)
+    mark[60:70, 20:30] = True  # a stray mark on plain fabric
+    flag = probability_flag(low, True, 0, FlagRules(), mark, image)
+    assert flag.rule == RULE_WRONG and flag.numbers["label_supported"] == 0.0
+    flag = probability_flag(low, True, 0, FlagRules(), line | mark, image)  # one region is not supported
+    assert flag is not None and 0 < flag.numbers["label_supported"] < 1

@@ -115,6 +115,7 @@ def test_check_round_flags_wrong_labels_and_loop_ends_on_clean_round(tmp_path, d
         assert wrong in flagged
         flag = p.flags(unresolved_only=True, image_id=wrong)[0]
         assert flag.numbers["iou"] < 0.8 and flag.numbers["voters"]
+        assert "iou_checker" in flag.numbers  # the image was there for its evidence
         assert flag.pred_mask is not None and flag.pred_mask.shape == (64, 64)
         assert not review.loop_finished()
         # the reviewer works through the flags; a round that still flags keeps the loop open
