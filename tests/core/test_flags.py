@@ -176,3 +176,37 @@ def test_image_evidence_overrules_a_wrong_label_vote_only_where_the_image_shows_
     assert flag.rule == RULE_WRONG and flag.numbers["label_supported"] == 0.0
     flag = probability_flag(low, True, 0, FlagRules(), line | mark, image)  # one region is not supported
     assert flag is not None and 0 < flag.numbers["label_supported"] < 1
+
+
+def _hole(seed=3, r=10):
+    image, _ = _fabric(seed=seed)
+    yy, xx = np.mgrid[:128, :128]
+    hole = (yy - 64) ** 2 + (xx - 90) ** 2 <= r ** 2
+    image[hole] = 30
+    return image, hole
+
+
+def test_image_evidence_ignores_a_checker_drawing_a_correct_region_fat():
+    image, hole = _hole()
+    fat = M.dilate(hole, 3)  # the checker's blur: 3 px of plain fabric around the hole
+    assert iou_flag(hole, fat, FlagRules()) is not None
+    flag = iou_flag(hole, fat, FlagRules(support_rim_px=0), image=image)
+    assert flag is not None and flag.numbers["rim_ignored_px"] == 0
+    assert iou_flag(hole, fat, FlagRules(), image=image) is None
+
+
+def test_image_evidence_keeps_a_shrunk_label():
+    image, hole = _hole(seed=4)
+    shrunk = M.erode(hole, 3)  # the hole's own rim is left out: the image supports it
+    flag = iou_flag(shrunk, hole, FlagRules(), image=image)
+    assert flag is not None and flag.numbers["rim_ignored_px"] == 0 and flag.numbers["iou"] < 0.8
+
+
+def test_image_evidence_tests_an_expanded_labels_border_apart_from_the_defect_inside():
+    image, hole = _hole(seed=5, r=5)
+    expanded = M.dilate(hole, 5)  # the checkers saw nothing; the label is a small hole plus a ring
+    nothing = np.zeros_like(hole)
+    assert iou_flag(expanded, nothing, FlagRules(support_band_px=0), image=image) is None  # one piece: passes
+    flag = iou_flag(expanded, nothing, FlagRules(), image=image)
+    assert flag is not None and flag.numbers["iou"] < 0.8
+    assert iou_flag(hole, nothing, FlagRules(), image=image) is None  # the correct label passes
