@@ -48,7 +48,8 @@ def describe_flag(flag: Flag) -> FlagView:
     if flag.rule == "iou":
         iou, thr = n.get("iou", 0.0), n.get("threshold", 0.8)
         tol = n.get("tolerance_px", 0)
-        evidence = "iou_checker" in n  # label pixels the image itself supports counted as matched
+        # label pixels the image itself supports were counted as matched (nothing to say on an empty label)
+        evidence = "iou_checker" in n and n.get("label_area", 0) > 0
         reason = (f"The checkers' mask{', with what the image itself shows,' if evidence else ''} matches the label "
                   f"with IoU {iou:.2f}" + (f", below the threshold {thr:.2f}" if iou < thr else "")
                   + (f" (boundary tolerance {tol} px)." if tol else "."))

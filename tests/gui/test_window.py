@@ -348,6 +348,15 @@ def test_flag_texts_and_loop_summary_are_plain_words():
     missed = Flag(2, 1, 3, "missed_label", {"votes": {"0": 0.9, "1": 0.7}, "operation": "mean", "aggregate": 0.8,
                                             "threshold": 0.5, "area_threshold": 15, "pred_area": 40}, 0.8, False, None,
                   "", None)
+    evidence = Flag(3, 1, 3, "iou", {"iou": 0.85, "iou_checker": 0.3, "supported_px": 90, "threshold": 0.8,
+                                     "tolerance_px": 1, "label_area": 140, "pred_area": 40, "uncovered_regions": [2],
+                                     "regions": []}, 0.15, False, None, "", None)
+    e = describe_flag(evidence)
+    assert "what the image itself shows" in e.reason and "region 2" in e.reason and "below" not in e.reason
+    assert dict(e.numbers)["IoU, checkers alone"] == "0.30" and dict(e.numbers)["Supported by the image"] == "90 px"
+    wrong = Flag(4, 1, 3, "wrong_label", {"votes": {"0": 0.1}, "operation": "mean", "aggregate": 0.1, "threshold": 0.5,
+                                          "pred_area": 0, "label_supported": 0.25}, 0.9, False, None, "", None)
+    assert dict(describe_flag(wrong).numbers)["Label unlike its surroundings"] == "25 %"
     m = describe_flag(missed)
     assert m.title.startswith("Checkers see a defect") and dict(m.numbers)["Checker #2"] == "p = 0.70"
     assert loop_summary({"flagged": 2, "accepted": 5, "prechecked": 1}, "check", 4) == (
