@@ -59,8 +59,8 @@ class FlagRules:
     # and the evidence together cover less than ``min_region_coverage`` keeps the flag even when the
     # IoU with the evidence passes (a small false mark beside a long, correct line). Used when the
     # image is given to ``iou_flag``; it only ever lifts a flag the checkers' IoU raised.
-    # `annotator bench checkers`, IoU 1 px < 0.8: see
-    # docs/benchmarks.md (precision 0.35 -> 0.70 at recall 0.96 on one draw).
+    # `annotator bench checkers`, IoU 1 px < 0.8, precision / recall with all of the below: seed 0
+    # 0.37 / 0.96 -> 0.79 / 0.96; three draws pooled 0.35 / 0.93 -> 0.72 / 0.92 (docs/benchmarks.md).
     # Likewise, predicted pixels outside the label but within ``support_rim_px`` of it count
     # only where the image supports them: checkers draw regions of faint kinds fat (seed 1 of the
     # bench: 0.51 -> 0.71 precision, recall unchanged; 5 px lost a shrunk ring on seed 0). Farther

@@ -166,6 +166,14 @@ def rect_sides(mask: np.ndarray) -> tuple[float, float]:
     return min(a, b), max(a, b)
 
 
+def spans(a: int, b: int, size: int) -> list[tuple[int, int]]:
+    """[a, b) cut into the fewest near-equal (start, end) spans of at most ``size``: windows
+    along a long region."""
+    n = max(1, -(-(b - a) // size))
+    edges = np.linspace(a, b, n + 1).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
 def to_u8(mask: np.ndarray) -> np.ndarray:
     """0/255 uint8 image of a mask, the on-disk form."""
     return np.where(as_bool(mask), 255, 0).astype(np.uint8)

@@ -46,7 +46,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from annotator.core.masks import rect_sides, regions_touching
+from annotator.core.masks import rect_sides, regions_touching, spans
 
 WINDOW = 64  # px of region per matched window (longer regions are cut into several)
 PAD = 16  # px of ring around the region in each window
@@ -75,12 +75,6 @@ def reference_crops(images: Sequence[np.ndarray], n: int) -> np.ndarray:
         y, x = (im.shape[0] - h) // 2, (im.shape[1] - w) // 2
         out.append(im[y:y + h, x:x + w])
     return np.ascontiguousarray(np.stack(out).astype(np.uint8))
-
-
-def _spans(a: int, b: int, size: int) -> list[tuple[int, int]]:
-    n = max(1, int(np.ceil((b - a) / size)))
-    edges = np.linspace(a, b, n + 1).round().astype(int)
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def _is_elongated(region: np.ndarray) -> bool:
@@ -136,7 +130,7 @@ def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, othe
     h, w = region.shape
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    wins = [(a, b, c, d) for a, b in _spans(y0, y1, WINDOW) for c, d in _spans(x0, x1, WINDOW)]
+    wins = [(a, b, c, d) for a, b in spans(y0, y1, WINDOW) for c, d in spans(x0, x1, WINDOW)]
     if len(wins) > MAX_WINDOWS:
         return None
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * EXCLUDE + 1,) * 2)

@@ -96,3 +96,11 @@ def test_rect_sides_measure_a_region_whatever_its_angle():
     short, long_ = M.rect_sides(m)
     assert 2 <= short <= 5 and 95 <= long_ <= 105
     assert M.rect_sides(np.ones((4, 9), bool)) == pytest.approx((3.0, 8.0), abs=1.0)
+
+
+def test_spans_cut_a_range_into_near_equal_windows():
+    assert M.spans(0, 256, 256) == [(0, 256)]
+    assert M.spans(10, 20, 256) == [(10, 20)]
+    parts = M.spans(0, 660, 256)
+    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == 660
+    assert all(b - a <= 256 for a, b in parts) and all(parts[i][1] == parts[i + 1][0] for i in range(2))
