@@ -37,6 +37,9 @@ import numpy as np
 from . import masks as M
 
 
+MAX_TRIES = 50  # shifts examined per placement wanted, at most (most are refused where labels crowd the window)
+
+
 @dataclass(frozen=True)
 class SupportTest:
     ring: tuple[int, int] = (2, 6)  # px: the fabric compared with lies between these distances from the label
@@ -115,11 +118,11 @@ def _test_piece(img: np.ndarray, grey: np.ndarray, piece: np.ndarray, label: np.
     shape = pc | rc
     h, w = piece.shape
     dys, dxs = _shifts_by_autocorrelation(grey)
+    inside = (y0 + dys >= 0) & (x0 + dxs >= 0) & (y1 + dys <= h) & (x1 + dxs <= w)
+    dys, dxs = dys[inside][: MAX_TRIES * t.placements], dxs[inside][: MAX_TRIES * t.placements]
     null: list[np.ndarray] = []
     for dy, dx in zip(dys.tolist(), dxs.tolist()):
         ny0, nx0 = y0 + dy, x0 + dx
-        if ny0 < 0 or nx0 < 0 or ny0 + (y1 - y0) > h or nx0 + (x1 - x0) > w:
-            continue
         if (busy[ny0:ny0 + y1 - y0, nx0:nx0 + x1 - x0] & shape).any():
             continue
         sub = img[ny0:ny0 + y1 - y0, nx0:nx0 + x1 - x0]

@@ -50,7 +50,7 @@ ROLES = ("good", "label")
 STATES = ("good", "new", "prelabelled", "prechecked", "flagged", "accepted")
 LABEL_SOURCES = ("model1", "reviewer", "checker", "import")
 ROUND_KINDS = ("prelabel", "check")
-FLAG_RULES = ("iou", "wrong_label", "missed_label")
+FLAG_RULES = ("iou", "wrong_label", "missed_label", "unlabelled_anomaly")
 MODEL_KINDS = ("prelabel", "checker")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SEED_CLASSES = (  # the patent's four fabric defects (spec 003)
@@ -114,7 +114,7 @@ CREATE TABLE flags (
     id             INTEGER PRIMARY KEY,
     image_id       INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     round          INTEGER NOT NULL REFERENCES rounds(number),
-    rule           TEXT NOT NULL,                -- iou | wrong_label | missed_label
+    rule           TEXT NOT NULL,                -- iou | wrong_label | missed_label | unlabelled_anomaly
     numbers        TEXT NOT NULL DEFAULT '{{}}', -- JSON: iou, region_ious, votes, aggregate, ...
     suspicion      REAL NOT NULL,                -- larger = more suspicious
     pred_mask_file TEXT,

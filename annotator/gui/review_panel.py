@@ -26,6 +26,7 @@ RULE_TITLES = {
     "iou": "Label and checkers disagree on the shape",
     "wrong_label": "Checkers see no defect where the label has one",
     "missed_label": "Checkers see a defect the label misses",
+    "unlabelled_anomaly": "Model 1 and the image show a defect the label leaves out",
 }
 
 
@@ -67,6 +68,18 @@ def describe_flag(flag: Flag) -> FlagView:
         for r in n.get("regions", []):
             rows.append((f"Region {r['index']}", f"IoU {r['iou']:.2f} · {r['area']} px"))
         rows.append(("Checkers that voted", _checkers(n.get("voters", []))))
+    elif flag.rule == "unlabelled_anomaly":
+        regs = n.get("regions", [])
+        reason = (f"Model 1 marked {n.get('unlabelled_px', 0)} px that the label leaves out"
+                  f" ({len(regs)} region{'s' if len(regs) != 1 else ''}), and the image shows "
+                  f"{'it' if len(regs) == 1 else 'them'} unlike the fabric around. A defect you missed or erased?")
+        for r in regs:
+            x, y, w, h = r["bbox"]
+            rows.append((f"Region at {x}, {y}", f"{r['area']} px · {w}×{h}"))
+        ps = [p["p"] for p in n.get("support", []) if p.get("supported")]
+        if ps:
+            rows.append(("Image evidence", f"p = {min(ps):.3f}"))
+        rows.append(("Label area", f"{n.get('label_area', 0)} px"))
     else:
         votes = n.get("votes", {})
         agg, thr, op = n.get("aggregate", 0.0), n.get("threshold", 0.5), n.get("operation", "mean")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from annotator.core.flags import FlagRules, iou_flag, probability_flag
+from annotator.core.flags import FlagRules, iou_flag, probability_flag, unlabelled_flag
 from annotator.core.jobs import CancelToken, ProgressFn, no_progress
 from annotator.core.review import Review
 from annotator.core.store import FlagSpec, Project
@@ -15,10 +15,16 @@ VARIANTS = ("iou", "ensemble", "both")
 CHECKABLE = ("prechecked", "flagged", "accepted")
 
 
-def flags_for(label_mask, check, variant: str, rules: FlagRules, image=None) -> list[FlagSpec]:
+def flags_for(label_mask, check, variant: str, rules: FlagRules, image=None, model1_mask=None) -> list[FlagSpec]:
     """Apply the flag rules of ``variant`` to one image's out-of-fold checker result (``image``:
-    the picture itself, for the IoU rule's image evidence)."""
+    the picture itself, for the image evidence; ``model1_mask``: model 1's latest pre-label, for
+    the cross-check of regions the label leaves out)."""
     specs = []
+    if image is not None:
+        found = unlabelled_flag(label_mask, model1_mask, image, rules)
+        if found is not None:
+            f, suggestion = found
+            specs.append(FlagSpec(f.rule, f.suspicion, f.numbers, suggestion))
     if variant in ("iou", "both"):
         f = iou_flag(label_mask, check.pred_mask, rules, check.pred_prob_map, image)
         if f is not None:
@@ -28,6 +34,12 @@ def flags_for(label_mask, check, variant: str, rules: FlagRules, image=None) -> 
         if f is not None:
             specs.append(FlagSpec(f.rule, f.suspicion, f.numbers, check.pred_mask))
     return specs
+
+
+def _model1_mask(project: Project, image_id: int):
+    """Model 1's latest pre-label of the image (None when it has none)."""
+    versions = [v for v in project.label_history(image_id) if v.source == "model1"]
+    return versions[-1].mask if versions else None
 
 
 def check_project(project: Project, variant: str = "both", folds: int = 3, scheme: str = "disjoint",
@@ -64,7 +76,8 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     # An image edited while the checkers trained is not judged on its old label: it stays
     # pre-checked and is covered by the next round.
     unchanged = [i for i in images if project.current_label(i).id == current[i].id]
-    flags_by_image = {i: flags_for(labels[i], run.checks[i], variant, rules, images[i]) for i in unchanged}
+    flags_by_image = {i: flags_for(labels[i], run.checks[i], variant, rules, images[i], _model1_mask(project, i))
+                      for i in unchanged}
     overruled = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}
     rnd = review.start_check_round()
     summary = review.record_check_results(rnd, flags_by_image, overruled=overruled)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from annotator.core import masks as M
-from annotator.core.flags import (RULE_IOU, RULE_MISSED, RULE_WRONG, FlagRules, aggregate, iou_flag,
-                                  probability_flag)
+from annotator.core.flags import (RULE_IOU, RULE_MISSED, RULE_UNLABELLED, RULE_WRONG, FlagRules, aggregate,
+                                  iou_flag, probability_flag, unlabelled_flag)
 
 
 def disk(r, size=64):
@@ -210,3 +210,17 @@ def test_image_evidence_tests_an_expanded_labels_border_apart_from_the_defect_in
     flag = iou_flag(expanded, nothing, FlagRules(), image=image)
     assert flag is not None and flag.numbers["iou"] < 0.8
     assert iou_flag(hole, nothing, FlagRules(), image=image) is None  # the correct label passes
+
+
+def test_model1_region_the_label_leaves_out_is_flagged_where_the_image_shows_a_defect():
+    image, line = _fabric(seed=6)
+    blob = np.zeros_like(line)
+    blob[60:70, 20:30] = True  # model 1's false region on plain fabric
+    model1 = line | blob
+    empty = np.zeros_like(line)
+    flag, suggestion = unlabelled_flag(empty, model1, image)  # the person erased a real line
+    assert flag.rule == RULE_UNLABELLED and flag.numbers["unlabelled_px"] == line.sum()
+    assert (suggestion == line).all()  # the label plus the supported region, not model 1's false blob
+    assert unlabelled_flag(line, model1, image) is None  # the blob alone is not supported
+    assert unlabelled_flag(empty, model1, image, FlagRules(unlabelled_check=False)) is None
+    assert unlabelled_flag(empty, None, image) is None  # no pre-label: nothing to compare with

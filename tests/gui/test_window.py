@@ -357,6 +357,12 @@ def test_flag_texts_and_loop_summary_are_plain_words():
     wrong = Flag(4, 1, 3, "wrong_label", {"votes": {"0": 0.1}, "operation": "mean", "aggregate": 0.1, "threshold": 0.5,
                                           "pred_area": 0, "label_supported": 0.25}, 0.9, False, None, "", None)
     assert dict(describe_flag(wrong).numbers)["Label unlike its surroundings"] == "25 %"
+    unl = Flag(5, 1, 3, "unlabelled_anomaly", {"unlabelled_px": 120, "label_area": 0, "regions": [
+        {"index": 1, "area": 120, "bbox": [10, 20, 4, 30]}], "support": [{"p": 0.0198, "supported": True}]},
+        0.98, False, None, "", None)
+    u = describe_flag(unl)
+    assert u.title.startswith("Model 1 and the image") and "120 px" in u.reason
+    assert dict(u.numbers)["Region at 10, 20"] == "120 px · 4×30" and dict(u.numbers)["Image evidence"] == "p = 0.020"
     m = describe_flag(missed)
     assert m.title.startswith("Checkers see a defect") and dict(m.numbers)["Checker #2"] == "p = 0.70"
     assert loop_summary({"flagged": 2, "accepted": 5, "prechecked": 1}, "check", 4) == (

@@ -163,3 +163,25 @@ def test_prelabel_works_through_groups_bounded_by_count_and_pixels():
     assert [len(c) for c in _chunks(mixed)] == [2, 1, 3]
     assert [r for c in _chunks(mixed) for r in c] == mixed
     assert list(_chunks([])) == []
+
+
+def test_check_flags_a_model1_region_the_person_erased(tmp_path):
+    from annotator.core.flags import RULE_UNLABELLED
+    from annotator.pipeline.check import check_project
+
+    data = tmp_path / "fabric"  # 160 px: room around the hole for the image evidence's placements
+    write_demo_mvtec(data, n_train_good=2, n_test_good=3, n_per_defect=1, size=160, seed=4, kinds=("hole", "stain"))
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        truth = truth_masks(p, data)
+        erased = next(i for i in sorted(truth) if "hole" in p.image(i).rel_path)
+        p.set_label(erased, truth[erased], source="model1")  # model 1 found the hole ...
+        for i, m in truth.items():
+            review.replace_mask(i, np.zeros_like(m) if i == erased else m)  # ... the person erased it
+        check_project(p, variant="iou", folds=2, checker_config=small_checkers())
+        flags = [f for f in p.flags(unresolved_only=True, image_id=erased) if f.rule == RULE_UNLABELLED]
+        assert flags and flags[0].numbers["unlabelled_px"] == int(truth[erased].sum())
+        assert (flags[0].pred_mask == truth[erased]).all()  # the suggestion puts the hole back
+        others = [f for f in p.flags() if f.rule == RULE_UNLABELLED and f.image_id != erased]
+        assert not others  # no pre-label, or nothing left out: no cross-check flag
