@@ -112,7 +112,8 @@ def cmd_check(a) -> int:
     from annotator.pipeline.check import check_project
 
     bar = _Bar(a.quiet)
-    rules = FlagRules(iou_threshold=a.iou_threshold, operation=a.operation, image_support=a.image_evidence)
+    rules = FlagRules(iou_threshold=a.iou_threshold, operation=a.operation, image_support=a.image_evidence,
+                      unlabelled_check=a.model1_check)
     checker_config = None
     if a.label_input is not None:
         from annotator.ml.checkers import CheckerConfig
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-evidence", action=argparse.BooleanOptionalAction, default=True,
                    help="IoU rule: label pixels the checkers missed count as matched where the image itself shows "
                         "them unlike the fabric around them (default on; --no-image-evidence: the checkers alone)")
+    p.add_argument("--model1-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also flag regions of model 1's pre-label that the label leaves out where the image shows a "
+                        "defect (default on)")
     p.add_argument("--resend-overruled", action="store_true",
                    help="send back labels a person already kept against a flag (default: record, do not resend)")
     p.add_argument("--quiet", action="store_true")

@@ -184,10 +184,11 @@ def test_cli_check_passes_the_checker_choice(monkeypatch, tmp_path):
                         lambda p, **kw: seen.append(kw["checker_config"]) or rules.append(kw["rules"]) or {"flagged": 0})
     proj = tmp_path / "p"
     assert cli.main(["init", str(proj)]) == 0
-    for flag in ([], ["--no-label-input"], ["--label-input"], ["--no-image-evidence"]):
+    for flag in ([], ["--no-label-input"], ["--label-input"], ["--no-image-evidence"], ["--no-model1-check"]):
         assert cli.main(["check", str(proj), "--quiet", *flag]) == 0
-    assert [c if c is None else c.label_input for c in seen] == [None, False, True, None]
-    assert [r.image_support for r in rules] == [True, True, True, False]
+    assert [c if c is None else c.label_input for c in seen] == [None, False, True, None, None]
+    assert [r.image_support for r in rules] == [True, True, True, False, True]
+    assert [r.unlabelled_check for r in rules] == [True, True, True, True, False]
 
 
 def test_cli_progress_keeps_one_bar_per_stretch_and_is_terse_off_a_terminal(capsys):
