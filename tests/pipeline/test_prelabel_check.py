@@ -185,3 +185,26 @@ def test_check_flags_a_model1_region_the_person_erased(tmp_path):
         assert (flags[0].pred_mask == truth[erased]).all()  # the suggestion puts the hole back
         others = [f for f in p.flags() if f.rule == RULE_UNLABELLED and f.image_id != erased]
         assert not others  # no pre-label, or nothing left out: no cross-check flag
+
+
+def test_cancel_while_judging_labels_records_no_round(tmp_path, data):
+    from annotator.core.jobs import CancelToken, Cancelled
+    from annotator.pipeline.check import check_project
+
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        for i, m in truth_masks(p, data).items():
+            review.replace_mask(i, m)
+        token, seen = CancelToken(), []
+
+        def progress(done, total, message=""):
+            seen.append(message)
+            if message == "judging the labels":
+                token.cancel()
+
+        with pytest.raises(Cancelled):
+            check_project(p, variant="iou", folds=2, checker_config=small_checkers(), on_progress=progress,
+                          cancel=token)
+        assert "judging the labels" in seen and not p.flags()
+        assert {review.state(i) for i in truth_masks(p, data)} == {"prechecked"}
