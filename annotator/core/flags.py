@@ -10,6 +10,9 @@ Both variants can also ask the image (``FlagRules.image_support``, ours: core/ev
 label pixels the checkers miss, but which the image shows to be unlike the fabric around them,
 do not count against the label. Checkers trained on a few examples of each kind miss faint
 kinds outright; the image does not.
+A fourth rule, ``unlabelled_anomaly`` (``FlagRules.unlabelled_check``, ours), cross-checks the
+label against model 1's pre-label: a region model 1 marked, the label leaves out and the image
+supports is flagged.
 
 Pure functions over numbers, masks and images: the CLI, GUI and benchmarks share them.
 """
@@ -69,6 +72,11 @@ class FlagRules:
     # The outer ``support_band_px`` of the label is tested apart from its inside: where the checkers
     # saw nothing, an expanded label's ring would otherwise pass with the defect it surrounds
     # (three draws of the bench, pooled: recall 0.90 -> 0.92, precision 0.72 -> 0.72).
+    image_support: bool = True
+    support_test: SupportTest = SupportTest()
+    min_region_coverage: float = 0.5
+    support_rim_px: int = 3
+    support_band_px: int = 2
     # Model 1 cross-check (ours): a region of model 1's pre-label that the label leaves out (no label
     # pixel within ``unlabelled_gap_px``, at least ``missed_area_px``) and that the image supports as
     # unlike the fabric around it is flagged ``unlabelled_anomaly``. The checkers learn faint kinds
@@ -77,11 +85,6 @@ class FlagRules:
     # label errors left 2 -> 1 of 3.
     unlabelled_check: bool = True
     unlabelled_gap_px: int = 2
-    image_support: bool = True
-    support_test: SupportTest = SupportTest()
-    min_region_coverage: float = 0.5
-    support_rim_px: int = 3
-    support_band_px: int = 2
     # Variant B: how N probabilities become one target probability.
     operation: str = "mean"
     # Wrong label: target probability < threshold while the label marks a defect.
