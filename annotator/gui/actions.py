@@ -35,7 +35,8 @@ ACTIONS: tuple[ActionSpec, ...] = (
     ActionSpec("review.accept", "Accept label", "std:SP_DialogApplyButton",
                "Accept the label as it is now (with your edits) and go to the next image", "Review"),
     ActionSpec("review.accept_prediction", "Accept checker prediction", "glyph:⇄",
-               "Replace the label by the checkers' predicted mask of the open flag", "Review"),
+               "Replace the label by the predicted mask of the open flag (the checkers' mask; for a model 1 "
+               "cross-check, the label plus the regions it left out)", "Review"),
     ActionSpec("review.mark_good", "Mark defect-free", "glyph:✓",
                "This image has no defect: clear its label and go to the next image", "Review"),
     ActionSpec("review.next", "Next image", "std:SP_ArrowForward", "Save and go to the next image in the queue", "Review"),
