@@ -100,9 +100,10 @@ def _shifts_by_autocorrelation(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return dy[ok][order], dx[ok][order]
 
 
-def _test_piece(img: np.ndarray, grey: np.ndarray, piece: np.ndarray, label: np.ndarray, busy: np.ndarray,
-                t: SupportTest, origin: tuple[int, int]) -> PieceResult:
-    """Test one piece; every array is a crop around it (the search window), ``origin`` its (x, y)."""
+def _test_piece(img: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], piece: np.ndarray, label: np.ndarray,
+                busy: np.ndarray, t: SupportTest, origin: tuple[int, int]) -> PieceResult:
+    """Test one piece; every array is a crop around it (the search window), ``origin`` its (x, y);
+    ``shifts``: the window's shifts by autocorrelation."""
     ys, xs = np.nonzero(piece)
     bbox = (int(xs.min()) + origin[0], int(ys.min()) + origin[1], int(xs.max() - xs.min() + 1),
             int(ys.max() - ys.min() + 1))
@@ -117,7 +118,7 @@ def _test_piece(img: np.ndarray, grey: np.ndarray, piece: np.ndarray, label: np.
     pc, rc = piece[y0:y1, x0:x1], ring[y0:y1, x0:x1]
     shape = pc | rc
     h, w = piece.shape
-    dys, dxs = _shifts_by_autocorrelation(grey)
+    dys, dxs = shifts
     inside = (y0 + dys >= 0) & (x0 + dxs >= 0) & (y1 + dys <= h) & (x1 + dxs <= w)
     dys, dxs = dys[inside][: MAX_TRIES * t.placements], dxs[inside][: MAX_TRIES * t.placements]
     null: list[np.ndarray] = []
@@ -164,6 +165,7 @@ def supported_by_image(image: np.ndarray, label: np.ndarray, candidate: np.ndarr
     H, W = label.shape
     grow = test.margin + test.ring[1] + test.keep_out + 1
     results = []
+    shifts: dict = {}  # per search window: pieces of a small image share the whole image's
     for r in range(1, n):
         x, y, bw, bh, area = (int(v) for v in stats[r])
         if area < test.min_px:
@@ -184,7 +186,10 @@ def supported_by_image(image: np.ndarray, label: np.ndarray, candidate: np.ndarr
                 img = image[ys, xs].astype(np.float32)  # per window: the cost does not grow with the image
                 img = img[..., None] if img.ndim == 2 else img
                 busy = M.dilate(busy_all[ys, xs], test.keep_out) if test.keep_out > 0 else busy_all[ys, xs]
-                res = _test_piece(img, img.mean(-1), piece, label[ys, xs], busy, test, (xs.start, ys.start))
+                key = (ys.start, ys.stop, xs.start, xs.stop)
+                if key not in shifts:
+                    shifts[key] = _shifts_by_autocorrelation(img.mean(-1))
+                res = _test_piece(img, shifts[key], piece, label[ys, xs], busy, test, (xs.start, ys.start))
                 results.append(res)
                 if res.supported:
                     out[ys, xs] |= piece

@@ -143,6 +143,12 @@ def aggregate(probs: Mapping[object, float], operation: str) -> float:
     raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
 
 
+def _region_coverage(label: np.ndarray, cover: np.ndarray) -> dict[int, float]:
+    """{region index: share of the label region's pixels inside ``cover``}."""
+    labels, regs = M.label_regions(label)
+    return {r.index: float(cover[labels == r.index].mean()) for r in regs}
+
+
 def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules(),
              prob_map: Optional[np.ndarray] = None, image: Optional[np.ndarray] = None) -> Optional[Flag]:
     """Variant A. Flags when the (tolerant) IoU of label vs prediction < threshold.
@@ -187,9 +193,7 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
             supported, pieces = supported_by_image(image, label, unmatched, avoid=pred_c, test=rules.support_test)
         matched = pred_c | supported
         checker_score, score = score, M.tolerant_iou(label_c, matched, tol)
-        near = M.dilate(matched, tol)
-        labels, regs = M.label_regions(label_c)
-        coverage = {r.index: float(near[labels == r.index].mean()) for r in regs}
+        coverage = _region_coverage(label_c, M.dilate(matched, tol))
         uncovered = [i for i, c in coverage.items() if c < rules.min_region_coverage]
         if score >= rules.iou_threshold and not uncovered:
             return None
@@ -240,8 +244,7 @@ def probability_flag(probs: Mapping[object, float], label_has_defect: bool, pred
         if label is not None and image is not None and rules.image_support:
             label = M.as_bool(label)
             supported, _ = supported_by_image(image, label, label, test=rules.support_test)
-            labels, regs = M.label_regions(label)
-            coverage = [float(supported[labels == r.index].mean()) for r in regs]
+            coverage = list(_region_coverage(label, supported).values())
             if coverage and min(coverage) >= rules.min_region_coverage:
                 return None
             numbers["label_supported"] = round(float(supported[label].mean()), 4) if label.any() else 0.0

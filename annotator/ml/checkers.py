@@ -48,7 +48,6 @@ from torch import nn
 from annotator.core import masks as M
 from annotator.core.folds import disjoint_subsets, out_of_fold_voters
 from annotator.core.label_noise import ERROR_KINDS, inject_error
-from annotator.core.masks import regions_touching
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
 from annotator.ml.backbone import STAGES, create_lite0_features, normalise, pick_device
 
@@ -481,7 +480,7 @@ def hysteresis(prob_map: np.ndarray, high: float, low: float) -> np.ndarray:
     strong = prob_map > high
     if not 0 < low < high or not strong.any():
         return strong
-    return regions_touching(prob_map > low, strong)
+    return M.regions_touching(prob_map > low, strong)
 
 
 def make_output(prob_map: np.ndarray, threshold: float, topk_px: int, threshold_low: float = 0.0) -> CheckerOutput:

@@ -79,7 +79,8 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     flags_by_image = {}
     for k, i in enumerate(unchanged):  # the image evidence costs ~0.05 s a flagged image: progress and cancel
         check_cancel(cancel)
-        flags_by_image[i] = flags_for(labels[i], run.checks[i], variant, rules, images[i], _model1_mask(project, i))
+        model1 = _model1_mask(project, i) if rules.unlabelled_check else None
+        flags_by_image[i] = flags_for(labels[i], run.checks[i], variant, rules, images[i], model1)
         on_progress(k + 1, len(unchanged), "judging the labels")
     overruled = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}
     rnd = review.start_check_round()
