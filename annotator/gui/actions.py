@@ -36,7 +36,7 @@ ACTIONS: tuple[ActionSpec, ...] = (
                "Accept the label as it is now (with your edits) and go to the next image", "Review"),
     ActionSpec("review.accept_prediction", "Accept checker prediction", "glyph:⇄",
                "Replace the label by the predicted mask of the open flag (the checkers' mask; for a model 1 "
-               "cross-check, the label plus the regions it left out)", "Review"),
+               "cross-check, the label plus the regions it left out). Its name follows the open flag.", "Review"),
     ActionSpec("review.mark_good", "Mark defect-free", "glyph:✓",
                "This image has no defect: clear its label and go to the next image", "Review"),
     ActionSpec("review.next", "Next image", "std:SP_ArrowForward", "Save and go to the next image in the queue", "Review"),
@@ -235,12 +235,28 @@ def class_actions(parent: QWidget, names: Sequence[str], on_class: Callable[[str
 
 def apply_shortcuts(actions: Mapping[str, QAction], shortcuts: Mapping[str, Sequence[str]]) -> None:
     for ident, act in actions.items():
-        keys = [QKeySequence(k) for k in shortcuts.get(ident, [])]
-        act.setShortcuts(keys)
-        tip = SPECS[ident].tip
-        act.setToolTip(f"{SPECS[ident].text} ({keys[0].toString(QKeySequence.SequenceFormat.NativeText)})\n{tip}"
-                       if keys else f"{SPECS[ident].text}\n{tip}")
-        act.setStatusTip(tip)
+        act.setShortcuts([QKeySequence(k) for k in shortcuts.get(ident, [])])
+        retitle(act, act.text() or SPECS[ident].text, act.statusTip() or SPECS[ident].tip)  # keeps a context name
+
+
+def retitle(act: QAction, text: str, tip: str) -> None:
+    """Name and tip of an action (the tooltip also names its first shortcut)."""
+    keys = act.shortcuts()
+    act.setText(text)
+    act.setToolTip(f"{text} ({keys[0].toString(QKeySequence.SequenceFormat.NativeText)})\n{tip}" if keys
+                   else f"{text}\n{tip}")
+    act.setStatusTip(tip)
+
+
+def prediction_wording(rule: Optional[str]) -> tuple[str, str]:
+    """(name, tip) of "review.accept_prediction" for the open flag's rule: the model 1
+    cross-check suggests the label plus a region, not a checker's mask."""
+    if rule == "unlabelled_anomaly":
+        return ("Accept suggested label", "Replace the label by the model 1 cross-check's suggestion: the label "
+                "plus the region model 1 and the image show and the label leaves out")
+    if rule is None:
+        return SPECS["review.accept_prediction"].text, SPECS["review.accept_prediction"].tip
+    return "Accept checker prediction", "Replace the label by the checkers' predicted mask of the open flag"
 
 
 # ---------------------------------------------------------------- cheat sheet

@@ -358,25 +358,31 @@ class MainWindow(QMainWindow):
     def accept_prediction(self) -> None:
         if self.session is None or self.current_id is None:
             return
-        flags = [f for f in self.session.project.flags(image_id=self.current_id, unresolved_only=True)
-                 if f.pred_path is not None]
-        if not flags:
+        flag = self._prediction_flag()
+        if flag is None:
             self.statusBar().showMessage("No checker prediction to accept on this image.", 6000)
             return
         region = self.canvas.selected_region()
         if region:  # only around the selected region: an edit the person then accepts
             box = self.canvas.regions()[region - 1].bbox
-            self.canvas.replace_mask(prediction_near_region(self.canvas.working_mask(), flags[0].pred_mask, box))
-            self.statusBar().showMessage(f"Took the checkers' mask around region {region}. "
+            self.canvas.replace_mask(prediction_near_region(self.canvas.working_mask(), flag.pred_mask, box))
+            what = "suggested label" if flag.rule == "unlabelled_anomaly" else "checkers' mask"
+            self.statusBar().showMessage(f"Took the {what} around region {region}. "
                                          "Accept (A) when it looks right, or undo.", 8000)
             return
 
         def act(image_id: int) -> bool:
             self.dirty = False
             self.session.drop_draft(image_id)
-            return self._act(self.session.review.accept_prediction, image_id, flags[0].id)
+            return self._act(self.session.review.accept_prediction, image_id, flag.id)
 
         self._advance_after(act)
+
+    def _prediction_flag(self):
+        """The open flag of the shown image whose predicted mask "Accept prediction" takes, or None."""
+        if self.current_id is None:
+            return None
+        return next((f for f in getattr(self.flags, "shown", []) if f.pred_path is not None), None)
 
     def mark_good(self) -> None:
         def act(image_id: int) -> bool:
@@ -562,8 +568,11 @@ class MainWindow(QMainWindow):
     def _update_enabled(self) -> None:
         has_project, has_image = self.session is not None, self.current_id is not None
         busy = self.jobs.busy("pipeline")
-        for ident in ("review.accept", "review.accept_prediction", "review.mark_good", "file.save"):
+        for ident in ("review.accept", "review.mark_good", "file.save"):
             self.actions[ident].setEnabled(has_image)
+        flag = self._prediction_flag()  # the button's name follows the flag: checker mask or cross-check suggestion
+        self.actions["review.accept_prediction"].setEnabled(flag is not None)
+        A.retitle(self.actions["review.accept_prediction"], *A.prediction_wording(flag.rule if flag else None))
         for ident in ("jobs.prelabel", "jobs.check", "file.export", "file.import_good"):
             self.actions[ident].setEnabled(has_project and not busy)
         self.actions["jobs.cancel"].setEnabled(busy)

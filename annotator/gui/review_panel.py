@@ -291,6 +291,7 @@ class FlagPanel(QWidget):
             if w is not None:
                 w.setParent(None)  # gone from the screen now, not at the next deferred delete
                 w.deleteLater()
+        self.shown = list(flags)
         self.views = [describe_flag(f) for f in flags]
         for k, v in enumerate(self.views):
             self._cards_lay.insertWidget(k, FlagCard(v, self._cards))

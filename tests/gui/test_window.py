@@ -295,6 +295,29 @@ def test_keys_drive_the_review_when_the_window_is_active(qtbot, window, project_
     assert window.session.project.current_label(ids[0]).area == 0
 
 
+def test_accept_prediction_is_named_after_the_open_flag(qtbot, window, project_dir):
+    from annotator.core.store import FlagSpec
+
+    with Project.open(project_dir) as p:
+        ids = [i.id for i in p.images(role="label")]
+        rec = p.image(ids[0])
+        pred = np.zeros((rec.height, rec.width), bool)
+        pred[10:20, 10:30] = True
+        p.add_flags(p.start_round("check"), {ids[0]: [FlagSpec("unlabelled_anomaly", 0.9, {"unlabelled_px": 200}, pred)],
+                        ids[1]: [FlagSpec("iou", 0.5, {"iou": 0.3}, pred)]})
+    window.open_project(project_dir)
+    act = window.actions["review.accept_prediction"]
+    window.show_image(ids[0])
+    assert act.isEnabled() and act.text() == "Accept suggested label" and "cross-check" in act.toolTip()
+    window.show_image(ids[1])
+    assert act.isEnabled() and act.text() == "Accept checker prediction" and "checkers' predicted mask" in act.toolTip()
+    window.show_image(ids[2])  # no open flag: nothing to accept
+    assert not act.isEnabled()
+    window.show_image(ids[0])
+    trigger(window, "review.accept_prediction")
+    assert window.session.project.current_label(ids[0]).area == 200
+
+
 def test_cheat_sheet_lists_every_action_and_a_changed_key_is_kept(qtbot, window, tmp_path):
     from annotator.gui.actions import CheatSheetDialog
 
