@@ -56,10 +56,11 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
     fit part of the good images, the calibration exactly the held-out part, and nothing else
     (in particular no defective image) reaches the model while it is fitted."""
     seen: dict[str, list] = {"collect": [], "calibrate": [], "tiles": []}
+    scaled = [P._rescale(g, FAST.scale) for g in goods]  # the fit part is magnified before the backbone
     real_collect, real_maps, real_call = P._collect, P.Prelabeller.raw_maps, P.PatchEmbedder.__call__
 
     def spy_collect(embedder, images, *a, **k):
-        seen["collect"].append([_which(im, goods) for im in images])
+        seen["collect"].append([_which(im, scaled) for im in images])
         return real_collect(embedder, images, *a, **k)
 
     def spy_maps(self, images, *a, **k):  # during fitting, only the calibration scores images
@@ -81,8 +82,9 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
     assert seen["collect"] == [fit_idx]
     assert seen["calibrate"] == [hold_idx]
     # every tile the backbone saw during fitting is a window of one of the good images
-    windows = {g[y:y + th, x:x + tw].tobytes() for g in goods
-               for y, x, th, tw in P.tile_grid(SIZE, SIZE, FAST.tile, FAST.tile_overlap)}
+    # (as the backbone sees it: magnified by ``scale``)
+    windows = {g[y:y + th, x:x + tw].tobytes() for g in scaled
+               for y, x, th, tw in P.tile_grid(g.shape[0], g.shape[1], FAST.tile, FAST.tile_overlap)}
     assert seen["tiles"] and all(t.tobytes() in windows for t in seen["tiles"])
     # predicting a defective image afterwards does not change the model
     bank = m.state["bank"].clone()
