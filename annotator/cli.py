@@ -100,7 +100,9 @@ def cmd_prelabel(a) -> int:
     bar = _Bar(a.quiet)
     with _open(a.project) as p:
         try:
-            summary = prelabel_project(p, PrelabelConfig(method=a.method), on_progress=bar)
+            # the map's blur follows the magnification: 4 px of the image
+            cfg = PrelabelConfig(method=a.method, scale=a.scale, blur_sigma=4.0 * a.scale)
+            summary = prelabel_project(p, cfg, on_progress=bar)
         finally:
             bar.close()
     _print_json(summary)
@@ -204,6 +206,16 @@ def cmd_bench(a) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 4:
+        raise argparse.ArgumentTypeError(f"scale must be a number in (0, 4], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="annotator", description="Label fabric defects: pre-label, pre-check, check, export.")
     ap.add_argument("--version", action="version", version=f"annotator {__version__}")
@@ -242,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("prelabel", cmd_prelabel, "fit model 1 on the good images and pre-label the others")
     p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
+    p.add_argument("--scale", type=_scale, default=2.0,
+                   help="magnification before the backbone (default 2: small defects; 1: about 4x faster)")
     p.add_argument("--quiet", action="store_true")
 
     p = verb("check", cmd_check, "train the checkers on the pre-checked labels and flag suspicious ones")

@@ -150,6 +150,22 @@ def test_cli_light_verbs_end_to_end(tmp_path, mvtec):
     assert np.array_equal(load_mask(out / "test/hole/000_mask.png"), load_mask(mvtec / "ground_truth/hole/000_mask.png"))
 
 
+@pytest.mark.slow
+def test_cli_prelabel_scale_sets_the_magnification_and_the_blur(tmp_path):
+    data, proj = tmp_path / "data", tmp_path / "p"
+    write_demo_mvtec(data, n_train_good=6, n_test_good=1, n_per_defect=1, size=48, seed=2, kinds=("hole",))
+    assert run_cli("init", proj).returncode == 0
+    assert run_cli("import", proj, "--mvtec", data).returncode == 0
+    r = run_cli("prelabel", proj, "--scale", "9", "--quiet")
+    assert r.returncode != 0 and "scale must be a number in (0, 4]" in r.stderr
+    r = run_cli("prelabel", proj, "--scale", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with Project.open(proj) as p:
+        cfg = p.model_runs("prelabel")[-1].config
+        assert (cfg["scale"], cfg["blur_sigma"]) == (1.0, 4.0)
+        assert all(i.anomaly_score is not None for i in p.images(role="label"))
+
+
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     r = run_cli("status", tmp_path / "nothing")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "error" in r.stderr
