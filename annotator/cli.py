@@ -94,14 +94,13 @@ def cmd_labels(a) -> int:
 
 
 def cmd_prelabel(a) -> int:
-    from annotator.ml.prelabel import PrelabelConfig
+    from annotator.ml.prelabel import config_for_scale
     from annotator.pipeline.prelabel import prelabel_project
 
     bar = _Bar(a.quiet)
     with _open(a.project) as p:
         try:
-            # the map's blur follows the magnification: 4 px of the image
-            cfg = PrelabelConfig(method=a.method, scale=a.scale, blur_sigma=4.0 * a.scale)
+            cfg = config_for_scale(a.scale, method=a.method)  # window and blurs follow the magnification
             summary = prelabel_project(p, cfg, on_progress=bar)
         finally:
             bar.close()

@@ -71,19 +71,21 @@ class PrelabelConfig:
     grid_stride: int = 4  # px between patches; 0 = the finest layer's stride (other maps are resized to it)
     pool: int = 3  # "locally aware" average pooling of each stage's map (odd; 1 = none)
     # --- geometry
-    tile: int = 256  # window at native resolution; a 256x256 image is one tile
+    tile: int = 512  # window of the scaled image (px after scale); a 256x256 image magnified 2x is one tile
     tile_overlap: int = 32  # px shared by neighbouring tiles; their maps are blended with ramps
     context: int = 0  # px of surrounding image fed with each tile (mirrored past the image edge) and cut off
     #                   after feature extraction (multiple of 16). It removes the frame of raised scores the
     #                   CNN's zero padding leaves along image edges, but the mirrored fabric costs more than it
     #                   gains (rib: image AUROC 0.80 -> 0.68 with 16 px), so it is off by default
     # Resize factor before tiling (e.g. 0.5 for oversampled images); results are full size. 2 magnifies the
-    # fabric so that Lite0's first stages see small defects (knots, fine lines) over more patches. With the map
-    # blurred by the same 4 px of the image (blur_sigma 8 below), against scale 1 on the 5 demo fabrics, 3 seeds
-    # (0 / 1 / 7; 200 good, 62 test images each): image AUROC 0.925 / 0.956 / 0.950 -> 0.944 / 0.969 / 0.954,
-    # pixel AUROC 0.966 / 0.975 / 0.975 -> 0.970 / 0.971 / 0.978, mean IoU 0.422 / 0.429 / 0.417 -> 0.450 /
-    # 0.484 / 0.438, pre-labels a reviewer can keep 72 / 76 / 82 -> 88 / 97 / 83 of 210 (docs/benchmarks.md).
-    # It costs about 4x the backbone and search work; scale 1 with blur_sigma 4 is the fast setting.
+    # fabric so that Lite0's first stages see small defects (knots, fine lines) over more patches. The sizes in
+    # px after scale (tile, blur_sigma, refine_sigma) are set for 2 and keep their meaning in px of the image
+    # (256-px window, 4-px and 1-px blur); config_for_scale() sets all four for another scale. Against scale 1
+    # on the 5 demo fabrics, 3 draws (seeds 0 / 1 / 7; 200 good, 62 test images each): image AUROC 0.925 /
+    # 0.956 / 0.950 -> 0.952 / 0.975 / 0.957, pixel AUROC 0.966 / 0.975 / 0.975 -> 0.967 / 0.971 / 0.978,
+    # mean IoU 0.422 / 0.429 / 0.417 -> 0.490 / 0.520 / 0.469, pre-labels a reviewer can keep (tolerant
+    # IoU >= 0.8) 72 / 76 / 82 -> 94 / 111 / 92 of 210 (with refine_quantile 0.999 below; docs/benchmarks.md).
+    # It costs about 4x the backbone and search work; config_for_scale(1.0) is the fast setting.
     scale: float = 2.0
     # --- PatchCore memory bank (greedy k-center coreset)
     coreset_ratio: float = 0.1  # keep this share of the collected patches (PatchCore / anomalib default) ...
@@ -131,8 +133,10 @@ class PrelabelConfig:
     blur_sigma: float = 8.0  # Gaussian blur of the anomaly map (score, heatmap, coarse mask), px after scale (4 px of the image at scale 2)
     refine: bool = True  # inside the (dilated) coarse mask keep the pixels where the less blurred map is high:
     #                      mean IoU 0.214 -> 0.248 over the 5 demo styles (better on each), thin lines get thinner
-    refine_sigma: float = 1.0  # blur of that fine map, px
-    refine_quantile: float = 0.9999  # its threshold: this quantile of the holdout fine maps
+    refine_sigma: float = 2.0  # blur of that fine map, px after scale (1 px of the image at scale 2)
+    # its threshold: this quantile of the holdout fine maps. At scale 2, 0.999 instead of 0.9999 kept 3 / 13 / 0
+    # more pre-labels on the three draws above (mean IoU +0.02 / +0.03 / +0.01) and gave no good image a mask
+    refine_quantile: float = 0.999
     # Colour refinement of compact regions (holes, stains, knots, slubs): OpenCV GrabCut on a crop around each
     # region, its colour model seeded from the region's core (see grabcut_regions). Thin, elongated regions (lines)
     # keep the map's mask: GrabCut's boundary term shaves 1-3 px lines away. Measured on the demo fabrics (twill,
@@ -215,6 +219,16 @@ def _torch_threads(n: int):
     finally:
         if n > 0:
             torch.set_num_threads(old)
+
+
+def config_for_scale(scale: float, **overrides) -> PrelabelConfig:
+    """The default model at another magnification: the window and both blurs keep their
+    size in px of the image (256-px window, 4-px map blur, 1-px fine blur)."""
+    tile = max(64, int(round(256 * scale / 32)) * 32)
+    fields_ = dict(scale=scale, tile=tile, tile_overlap=min(32, tile // 4), blur_sigma=4.0 * scale,
+                   refine_sigma=1.0 * scale)
+    fields_.update(overrides)
+    return PrelabelConfig(**fields_)
 
 
 def _check_image(img: np.ndarray) -> np.ndarray:

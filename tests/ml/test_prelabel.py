@@ -92,6 +92,13 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
     assert torch.equal(bank, m.state["bank"])
 
 
+def test_config_for_scale_keeps_the_window_and_blurs_in_image_px():
+    assert P.config_for_scale(2.0) == P.PrelabelConfig()  # the defaults are the 2x magnification
+    one, quarter = P.config_for_scale(1.0, method="padim"), P.config_for_scale(0.25)
+    assert (one.tile, one.blur_sigma, one.refine_sigma, one.method) == (256, 4.0, 1.0, "padim")
+    assert (quarter.tile, quarter.tile_overlap) == (64, 16)
+
+
 def test_thresholds_are_the_rule_applied_to_holdout_scores(model, goods):
     hold = [goods[i] for i in model.metrics["holdout_indices"]]
     out = sorted(model.raw_maps(hold), key=lambda t: t[0])

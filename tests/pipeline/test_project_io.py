@@ -151,7 +151,7 @@ def test_cli_light_verbs_end_to_end(tmp_path, mvtec):
 
 
 @pytest.mark.slow
-def test_cli_prelabel_scale_sets_the_magnification_and_the_blur(tmp_path):
+def test_cli_prelabel_scale_sets_the_magnification_window_and_blurs(tmp_path):
     data, proj = tmp_path / "data", tmp_path / "p"
     write_demo_mvtec(data, n_train_good=6, n_test_good=1, n_per_defect=1, size=48, seed=2, kinds=("hole",))
     assert run_cli("init", proj).returncode == 0
@@ -162,7 +162,7 @@ def test_cli_prelabel_scale_sets_the_magnification_and_the_blur(tmp_path):
     assert r.returncode == 0, r.stderr
     with Project.open(proj) as p:
         cfg = p.model_runs("prelabel")[-1].config
-        assert (cfg["scale"], cfg["blur_sigma"]) == (1.0, 4.0)
+        assert (cfg["scale"], cfg["tile"], cfg["blur_sigma"], cfg["refine_sigma"]) == (1.0, 256, 4.0, 1.0)
         assert all(i.anomaly_score is not None for i in p.images(role="label"))
 
 
