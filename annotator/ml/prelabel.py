@@ -2,15 +2,15 @@
 
 Trained on defect-free ("good") images only. Default method PatchCore: locally aware
 (3x3 average-pooled) patch features of EfficientNet-Lite0 with offline ImageNet weights
-(``blocks.0`` + ``blocks.1`` on a 4-px grid by default; ``blocks.2`` + ``blocks.4`` on
-an 8-px grid by config), a memory bank of good patches chosen by greedy k-center
+(``blocks.0`` + ``blocks.1`` on a 4-px grid of the image magnified 2x by default, i.e. every
+2 px of the image; ``blocks.2`` + ``blocks.4`` on an 8-px grid by config), a memory bank of good patches chosen by greedy k-center
 coreset, and the distance of every test patch to its nearest good patch as the anomaly
 map. Option ``method="padim"``: one Gaussian of the patch features shared by all
 positions (fabric is stationary and tiles have no fixed place in the image) and the
 Mahalanobis distance.
 
-1. Images of any size are cut into ``tile`` windows at native resolution (optionally
-   rescaled by ``scale``), so a 4096-px-wide web image keeps its 2-px lines.
+1. Images are magnified by ``scale`` (2 by default: small defects cover more patches) and
+   cut into ``tile`` windows, so a 4096-px-wide web image keeps its 2-px lines.
 2. The good images are split (seeded) into a *fit* part, which builds the model, and a
    *holdout* part, which is scored by it to calibrate the image and pixel thresholds.
    No defective image is needed or used, anywhere. The holdout maps also give the
