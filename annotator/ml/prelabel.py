@@ -523,25 +523,42 @@ class Prelabeller:
                 scores = self._patch_scores(self.embedder(tiles, cfg.context)).cpu().numpy()
                 win = np.outer(_ramp(th, cfg.tile_overlap), _ramp(tw, cfg.tile_overlap))
                 for s, job in zip(scores, jobs):
+                    # A magnified image's map is summed at the input size (a 12000 x 9000 scan at 2x
+                    # would need 3.5 GB of sums at the magnified size, 0.9 GB at its own); a reduced
+                    # one's at its reduced size and resized when finished.
+                    oh, ow = originals[job.image].shape[:2]
+                    k = min(1.0, 1.0 / cfg.scale)  # summing size / magnified size
                     if job.image not in acc:
                         h, w = prepped[job.image].shape[:2]
+                        h, w = (oh, ow) if k < 1 else (h, w)
                         acc[job.image] = (np.zeros((h, w), np.float32), np.zeros((h, w), np.float32))
                     m = _upsample_patch_map(s, th, tw, self.embedder.stride)
                     a, wsum = acc[job.image]
-                    a[job.y:job.y + th, job.x:job.x + tw] += m * win
-                    wsum[job.y:job.y + th, job.x:job.x + tw] += win
+                    if k < 1:
+                        y0, x0 = min(oh - 1, round(job.y * k)), min(ow - 1, round(job.x * k))
+                        y1 = max(y0 + 1, min(oh, round((job.y + th) * k)))
+                        x1 = max(x0 + 1, min(ow, round((job.x + tw) * k)))
+                        m = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                        wt = cv2.resize(win, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                    else:
+                        y0, x0, y1, x1, wt = job.y, job.x, job.y + th, job.x + tw, win
+                    a[y0:y1, x0:x1] += m * wt
+                    wsum[y0:y1, x0:x1] += wt
                     remaining[job.image] -= 1
                     if remaining[job.image] == 0:
                         a, wsum = acc.pop(job.image)
-                        yield (job.image, *self._finish_map(a / wsum, originals[job.image].shape[:2]))
+                        yield (job.image, *self._finish_map(a / wsum, (oh, ow), k))
                 done += len(jobs)
                 progress(done, total, f"{what}: {done}/{total} tiles")
 
-    def _finish_map(self, m: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Blurred map (and the less blurred one for mask refinement), at the input size."""
+    def _finish_map(self, m: np.ndarray, out_hw: tuple[int, int], k: float = 1.0
+                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Blurred map (and the less blurred one for mask refinement), at the input size. ``m``
+        is at ``k`` times the magnified size; the blurs are in px of the magnified image."""
         cfg = self.config
 
         def blur_resize(sigma: float) -> np.ndarray:
+            sigma = sigma * k
             out = cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) if sigma > 0 else m
             if out.shape != tuple(out_hw):
                 out = cv2.resize(out, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
