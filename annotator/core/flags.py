@@ -85,6 +85,11 @@ class FlagRules:
     # label errors left 2 -> 1 of 3.
     unlabelled_check: bool = True
     unlabelled_gap_px: int = 2
+    # ... and only regions model 1 would call a defect on their own: its map peaks above model 1's
+    # image threshold there (the pixel threshold below it only draws the extent of a defect the image
+    # threshold found). The 2x model draws small regions just above the pixel threshold beside right
+    # labels: `annotator demo` cross-check flags 7 -> 3, the 2 on the reviewer's empty labels kept.
+    unlabelled_detections_only: bool = True
     # Variant B: how N probabilities become one target probability.
     operation: str = "mean"
     # Wrong label: target probability < threshold while the label marks a defect.

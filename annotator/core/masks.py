@@ -118,6 +118,24 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, list[Region]]:
     return labels, regions
 
 
+def regions_peaking_above(mask: np.ndarray, values: np.ndarray, level: float, reach_px: int = 2) -> np.ndarray:
+    """The connected regions of ``mask`` where ``values`` reach ``level`` (on the region or
+    within ``reach_px`` of it); the other regions are dropped."""
+    _same_shape(mask, values)
+    labels, regions = label_regions(mask)
+    keep = np.zeros(labels.shape, bool)
+    h, w = labels.shape
+    for r in regions:
+        x, y, bw, bh = r.bbox
+        y0, x0 = max(0, y - reach_px), max(0, x - reach_px)
+        y1, x1 = min(h, y + bh + reach_px), min(w, x + bw + reach_px)
+        own = labels[y0:y1, x0:x1] == r.index
+        near = dilate(own, reach_px) if reach_px > 0 else own
+        if float(values[y0:y1, x0:x1][near].max()) >= level:
+            keep[y0:y1, x0:x1] |= own
+    return keep
+
+
 def region_ious(label: np.ndarray, pred: np.ndarray, radius: int = 0) -> list[tuple[Region, float]]:
     """IoU of each connected region of ``label`` with the predicted mask.
 

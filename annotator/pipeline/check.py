@@ -2,8 +2,11 @@
 suspicious ones (spec 003, claims 3-8)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
+from annotator.core import masks as M
 from annotator.core.flags import FlagRules, iou_flag, probability_flag, unlabelled_flag
 from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progress
 from annotator.core.review import Review
@@ -36,10 +39,29 @@ def flags_for(label_mask, check, variant: str, rules: FlagRules, image=None, mod
     return specs
 
 
-def _model1_mask(project: Project, image_id: int):
-    """Model 1's latest pre-label of the image (None when it has none)."""
+def _model1_mask(project: Project, image_id: int, level: Optional[float] = None):
+    """Model 1's latest pre-label of the image (None when it has none); with ``level``, only its
+    regions where the stored heat map (1 = pixel threshold) reaches ``level``."""
     versions = [v for v in project.label_history(image_id) if v.source == "model1"]
-    return versions[-1].mask if versions else None
+    if not versions:
+        return None
+    mask = versions[-1].mask
+    heat = project.heatmap(image_id) if level is not None else None
+    if heat is None or heat.shape != mask.shape:
+        return mask
+    return M.regions_peaking_above(mask, heat, level)
+
+
+def _image_level(project: Project) -> Optional[float]:
+    """Model 1's image threshold in heat-map units (pixel threshold = 1), from its latest run."""
+    from annotator.ml.prelabel import CONFIG_FILE
+
+    runs = project.model_runs("prelabel")
+    try:
+        th = json.loads((Path(runs[-1].folder) / CONFIG_FILE).read_text(encoding="utf-8"))["thresholds"]
+        return float(th["image"]) / float(th["pixel"])
+    except (IndexError, OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None  # no run, or an unreadable one: every region of the pre-label counts
 
 
 def check_project(project: Project, variant: str = "both", folds: int = 3, scheme: str = "disjoint",
@@ -77,9 +99,10 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     # pre-checked and is covered by the next round.
     unchanged = [i for i in images if project.current_label(i).id == current[i].id]
     flags_by_image = {}
+    level = _image_level(project) if rules.unlabelled_check and rules.unlabelled_detections_only else None
     for k, i in enumerate(unchanged):  # the image evidence costs ~0.05 s a flagged image: progress and cancel
         check_cancel(cancel)
-        model1 = _model1_mask(project, i) if rules.unlabelled_check else None
+        model1 = _model1_mask(project, i, level) if rules.unlabelled_check else None
         flags_by_image[i] = flags_for(labels[i], run.checks[i], variant, rules, images[i], model1)
         on_progress(k + 1, len(unchanged), "judging the labels")
     overruled = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}

@@ -104,3 +104,20 @@ def test_spans_cut_a_range_into_near_equal_windows():
     parts = M.spans(0, 660, 256)
     assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == 660
     assert all(b - a <= 256 for a, b in parts) and all(parts[i][1] == parts[i + 1][0] for i in range(2))
+
+
+def test_regions_peaking_above_keeps_regions_whose_values_reach_the_level_nearby():
+    mask = np.zeros((40, 60), bool)
+    mask[5:10, 5:10] = True  # peaks on the region
+    mask[20:25, 20:25] = True  # stays low
+    mask[5:10, 40:45] = True  # the peak is 2 px beside it
+    values = np.ones((40, 60), np.float32)
+    values[7, 7] = 2.0
+    values[7, 46] = 2.0
+    values[22, 22] = 1.4
+    kept = M.regions_peaking_above(mask, values, 1.5)
+    assert kept[5:10, 5:10].all() and kept[5:10, 40:45].all() and not kept[20:25, 20:25].any()
+    assert not M.regions_peaking_above(mask, values, 1.5, reach_px=0)[5:10, 40:45].any()
+    assert not M.regions_peaking_above(np.zeros((40, 60), bool), values, 0.0).any()
+    with pytest.raises(ValueError):
+        M.regions_peaking_above(mask, values[:10], 1.0)

@@ -187,6 +187,37 @@ def test_check_flags_a_model1_region_the_person_erased(tmp_path):
         assert not others  # no pre-label, or nothing left out: no cross-check flag
 
 
+def test_the_cross_check_takes_only_regions_model1_would_call_a_defect(tmp_path):
+    import json
+
+    from annotator.core.flags import RULE_UNLABELLED
+    from annotator.pipeline.check import check_project
+
+    data = tmp_path / "fabric"
+    write_demo_mvtec(data, n_train_good=2, n_test_good=3, n_per_defect=1, size=160, seed=4, kinds=("hole", "stain"))
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        truth = truth_masks(p, data)
+        erased = next(i for i in sorted(truth) if "hole" in p.image(i).rel_path)
+        p.set_label(erased, truth[erased], source="model1")
+        for i, m in truth.items():
+            review.replace_mask(i, np.zeros_like(m) if i == erased else m)
+        folder = p.new_model_dir("patchcore")  # image threshold 1.5x the pixel threshold
+        (folder / "prelabeller.json").write_text(json.dumps({"thresholds": {"image": 15.0, "pixel": 10.0}}))
+        p.add_model_run("prelabel", "patchcore", folder)
+        heat = np.full(truth[erased].shape, 1.2, np.float32)  # above the pixel threshold, below the image one
+        p.set_heatmap(erased, heat)
+        check_project(p, variant="iou", folds=2, checker_config=small_checkers())
+        assert not [f for f in p.flags(image_id=erased) if f.rule == RULE_UNLABELLED]
+        heat[truth[erased]] = 1.6  # the hole itself peaks above the image threshold
+        p.set_heatmap(erased, heat)
+        review.replace_mask(erased, np.zeros_like(truth[erased]))  # a new round judges it again
+        check_project(p, variant="iou", folds=2, checker_config=small_checkers())
+        flags = [f for f in p.flags(unresolved_only=True, image_id=erased) if f.rule == RULE_UNLABELLED]
+        assert flags and flags[0].numbers["unlabelled_px"] == int(truth[erased].sum())
+
+
 def test_cancel_while_judging_labels_records_no_round(tmp_path, data):
     from annotator.core.jobs import CancelToken, Cancelled
     from annotator.pipeline.check import check_project
