@@ -165,10 +165,9 @@ def test_prelabel_works_through_groups_bounded_by_count_and_pixels():
     assert list(_chunks([])) == []
 
 
-def test_check_flags_a_model1_region_the_person_erased(tmp_path):
-    from annotator.core.flags import RULE_UNLABELLED
-    from annotator.pipeline.check import check_project
-
+def _hole_model1_found_and_the_person_erased(tmp_path):
+    """A project whose labels are the truth, except one hole: model 1's pre-label has it, the
+    person's label does not. Returns (project path, truth by image id, that image's id)."""
     data = tmp_path / "fabric"  # 160 px: room around the hole for the image evidence's placements
     write_demo_mvtec(data, n_train_good=2, n_test_good=3, n_per_defect=1, size=160, seed=4, kinds=("hole", "stain"))
     with Project.create(tmp_path / "p") as p:
@@ -179,6 +178,15 @@ def test_check_flags_a_model1_region_the_person_erased(tmp_path):
         p.set_label(erased, truth[erased], source="model1")  # model 1 found the hole ...
         for i, m in truth.items():
             review.replace_mask(i, np.zeros_like(m) if i == erased else m)  # ... the person erased it
+    return tmp_path / "p", truth, erased
+
+
+def test_check_flags_a_model1_region_the_person_erased(tmp_path):
+    from annotator.core.flags import RULE_UNLABELLED
+    from annotator.pipeline.check import check_project
+
+    path, truth, erased = _hole_model1_found_and_the_person_erased(tmp_path)
+    with Project.open(path) as p:
         check_project(p, variant="iou", folds=2, checker_config=small_checkers())
         flags = [f for f in p.flags(unresolved_only=True, image_id=erased) if f.rule == RULE_UNLABELLED]
         assert flags and flags[0].numbers["unlabelled_px"] == int(truth[erased].sum())
@@ -193,16 +201,9 @@ def test_the_cross_check_takes_only_regions_model1_would_call_a_defect(tmp_path)
     from annotator.core.flags import RULE_UNLABELLED
     from annotator.pipeline.check import check_project
 
-    data = tmp_path / "fabric"
-    write_demo_mvtec(data, n_train_good=2, n_test_good=3, n_per_defect=1, size=160, seed=4, kinds=("hole", "stain"))
-    with Project.create(tmp_path / "p") as p:
-        project_io.import_mvtec(p, data)
+    path, truth, erased = _hole_model1_found_and_the_person_erased(tmp_path)
+    with Project.open(path) as p:
         review = Review(p)
-        truth = truth_masks(p, data)
-        erased = next(i for i in sorted(truth) if "hole" in p.image(i).rel_path)
-        p.set_label(erased, truth[erased], source="model1")
-        for i, m in truth.items():
-            review.replace_mask(i, np.zeros_like(m) if i == erased else m)
         folder = p.new_model_dir("patchcore")  # image threshold 1.5x the pixel threshold
         (folder / "prelabeller.json").write_text(json.dumps({"thresholds": {"image": 15.0, "pixel": 10.0}}))
         p.add_model_run("prelabel", "patchcore", folder)
