@@ -17,6 +17,8 @@ from PySide6.QtGui import QAction, QColor, QFont, QIcon, QKeySequence, QPainter,
 from PySide6.QtWidgets import (QApplication, QDialog, QDialogButtonBox, QHeaderView, QKeySequenceEdit, QLabel,
                                QStyle, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from annotator.core.flags import RULE_UNLABELLED
+
 SHORTCUTS_FILE = Path(__file__).resolve().parents[2] / "resources" / "shortcuts.json"
 SETTINGS_GROUP = "shortcuts"
 
@@ -251,7 +253,7 @@ def retitle(act: QAction, text: str, tip: str) -> None:
 def prediction_wording(rule: Optional[str]) -> tuple[str, str]:
     """(name, tip) of "review.accept_prediction" for the open flag's rule: the model 1
     cross-check suggests the label plus a region, not a checker's mask."""
-    if rule == "unlabelled_anomaly":
+    if rule == RULE_UNLABELLED:
         return ("Accept suggested label", "Replace the label by the model 1 cross-check's suggestion: the label "
                 "plus the region model 1 and the image show and the label leaves out")
     if rule is None:

@@ -18,6 +18,7 @@ from PySide6.QtGui import QAction, QCloseEvent
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget)
 
+from annotator.core.flags import RULE_UNLABELLED
 from annotator.core.history import UndoHistory
 from annotator.core.images import ImageError
 from annotator.core.store import Project, ProjectError
@@ -366,7 +367,7 @@ class MainWindow(QMainWindow):
         if region:  # only around the selected region: an edit the person then accepts
             box = self.canvas.regions()[region - 1].bbox
             self.canvas.replace_mask(prediction_near_region(self.canvas.working_mask(), flag.pred_mask, box))
-            what = "suggested label" if flag.rule == "unlabelled_anomaly" else "checkers' mask"
+            what = "suggested label" if flag.rule == RULE_UNLABELLED else "checkers' mask"
             self.statusBar().showMessage(f"Took the {what} around region {region}. "
                                          "Accept (A) when it looks right, or undo.", 8000)
             return
@@ -382,7 +383,7 @@ class MainWindow(QMainWindow):
         """The open flag of the shown image whose predicted mask "Accept prediction" takes, or None."""
         if self.current_id is None:
             return None
-        return next((f for f in getattr(self.flags, "shown", []) if f.pred_path is not None), None)
+        return next((f for f in self.flags.shown if f.pred_path is not None), None)
 
     def mark_good(self) -> None:
         def act(image_id: int) -> bool:

@@ -284,6 +284,7 @@ class FlagPanel(QWidget):
         lay.addWidget(scroll, 1)
         lay.addStretch(0)
         self.views: list[FlagView] = []
+        self.shown: list[Flag] = []  # the flags the cards show, in order
 
     def set_flags(self, flags: list[Flag]) -> None:
         while self._cards_lay.count() > 1:

@@ -515,6 +515,10 @@ class Prelabeller:
         total = _count_tiles(prepped, cfg)
         remaining = [len(tile_grid(p.shape[0], p.shape[1], cfg.tile, cfg.tile_overlap)) for p in prepped]
         acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # A magnified image's map is summed at the input size (a 12000 x 9000 scan at 2x would need
+        # 3.5 GB of sums at the magnified size, 0.9 GB at its own); a reduced one's at its reduced
+        # size and resized when finished.
+        k = min(1.0, 1.0 / cfg.scale)  # summing size / magnified size
         done = 0
         progress(0, total, what)
         with _torch_threads(cfg.num_threads), full_fp32(), torch.inference_mode():
@@ -523,14 +527,9 @@ class Prelabeller:
                 scores = self._patch_scores(self.embedder(tiles, cfg.context)).cpu().numpy()
                 win = np.outer(_ramp(th, cfg.tile_overlap), _ramp(tw, cfg.tile_overlap))
                 for s, job in zip(scores, jobs):
-                    # A magnified image's map is summed at the input size (a 12000 x 9000 scan at 2x
-                    # would need 3.5 GB of sums at the magnified size, 0.9 GB at its own); a reduced
-                    # one's at its reduced size and resized when finished.
                     oh, ow = originals[job.image].shape[:2]
-                    k = min(1.0, 1.0 / cfg.scale)  # summing size / magnified size
                     if job.image not in acc:
-                        h, w = prepped[job.image].shape[:2]
-                        h, w = (oh, ow) if k < 1 else (h, w)
+                        h, w = (oh, ow) if k < 1 else prepped[job.image].shape[:2]
                         acc[job.image] = (np.zeros((h, w), np.float32), np.zeros((h, w), np.float32))
                     m = _upsample_patch_map(s, th, tw, self.embedder.stride)
                     a, wsum = acc[job.image]
