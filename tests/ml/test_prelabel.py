@@ -401,3 +401,22 @@ def test_masks_drawn_in_parallel_equal_the_sequential_ones(model, spec):
         assert a.score == b.score and a.is_defect == b.is_defect
         np.testing.assert_array_equal(a.mask, b.mask)
         np.testing.assert_array_equal(a.heatmap, b.heatmap)
+
+
+def test_a_region_is_kept_only_where_the_map_reaches_the_image_threshold(model):
+    """Each mask region must be a detection by itself: a second region of the map above the pixel
+    threshold but below the image threshold is the fabric's noise and is not drawn."""
+    t_img, t_pix = model.thresholds["image"], model.thresholds["pixel"]
+    assert t_pix < t_img
+    m = np.full((64, 96), 0.5 * t_pix, np.float32)
+    m[20:30, 10:20] = 1.5 * t_img  # a defect
+    m[20:30, 60:70] = 0.5 * (t_pix + t_img)  # above the pixel threshold only
+    cfg = dataclasses.replace(model.config, reference_refine=False, grabcut=False, refine=False)
+    kw = dict(embedder=model.embedder, border={k: v for k, v in model.border.items()})
+    gated = P.Prelabeller(cfg, model.state, model.thresholds, **kw).mask_from_map(m)
+    assert gated[20:30, 10:20].all() and not gated[:, 40:].any()
+    ungated = P.Prelabeller(dataclasses.replace(cfg, region_min_peak=0.0), model.state, model.thresholds,
+                            **kw).mask_from_map(m)
+    assert ungated[20:30, 60:70].all()
+    with pytest.raises(ValueError, match="region_min_peak"):
+        P.PrelabelConfig(region_min_peak=-1)
