@@ -124,7 +124,7 @@ def cmd_check(a) -> int:
         try:
             summary = check_project(p, variant=a.variant, folds=a.folds, scheme=a.scheme, rules=rules,
                                     checker_config=checker_config, on_progress=bar,
-                                    resend_overruled=a.resend_overruled)
+                                    resend_overruled=a.resend_overruled, recheck_accepted=a.recheck_accepted)
         finally:
             bar.close()
     _print_json(summary)
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "defect (default on)")
     p.add_argument("--resend-overruled", action="store_true",
                    help="send back labels a person already kept against a flag (default: record, do not resend)")
+    p.add_argument("--recheck-accepted", action="store_true",
+                   help="send back labels an earlier check round accepted, unchanged since, when this round's "
+                        "checkers flag them (default: record, do not resend)")
     p.add_argument("--quiet", action="store_true")
 
     p = verb("status", cmd_status, "round, states and scores of every image")

@@ -251,6 +251,23 @@ class Review:
         older = [v for v in p.label_history(image_id) if v.id < current.id]
         return bool(older) and older[-1].path == current.path  # masks are content-addressed
 
+    def accepted_by_check(self, image_id: int) -> bool:
+        """True when an earlier, ended check round judged the image's current label and raised no
+        flag on it: the label has passed a check unchanged (a label kept against a flag is
+        :meth:`kept_against_flag` instead).
+        Spec 003 re-checks what a person re-pre-checked after a flag; a label that passed stays
+        accepted unless it changes (see :func:`annotator.pipeline.check.check_project`)."""
+        p = self.project
+        current = p.current_label(image_id)
+        if current is None:
+            return False
+        for r in p.rounds("check"):
+            # a label made in or after round r (its round number >= r) was not what r judged
+            if (r.number > current.round and r.ended is not None and p.round_coverage(r.number).get(image_id) == 0
+                    and not p.flags(round=r.number, image_id=image_id)):
+                return True
+        return False
+
     def record_check_results(
         self, round: int, flags_by_image: Mapping[int, Iterable[Union[FlagSpec, Mapping]]], final: bool = True,
         overruled: Iterable[int] = (),
@@ -262,7 +279,8 @@ class Review:
         (``final=True``) ends the round and returns its summary counts.
 
         ``overruled``: images whose flags are recorded but not sent back, because a person
-        already kept this very mask against an earlier flag (:meth:`kept_against_flag`). Their
+        already kept this very mask against an earlier flag (:meth:`kept_against_flag`), or an
+        earlier round accepted it (:meth:`accepted_by_check`). Their
         flags are stored resolved by the current label, the image is ``accepted`` and the round
         counts them under ``overruled``, not as flagged."""
         p = self.project

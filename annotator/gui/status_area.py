@@ -36,8 +36,12 @@ def describe_result(kind: str, r: Mapping) -> str:
                 "Pre-check them in the queue.")
     if kind == "check":
         kept = r.get("overruled", 0)
+        before = r.get("accepted_before", 0)
         kept_note = (f" {kept} flagged again on labels you had kept against a flag: recorded, not sent back."
                      if kept else "")
+        if before:
+            kept_note += (f" {before} flagged on labels an earlier round had accepted and nobody changed since: "
+                          "recorded, not sent back.")
         if r.get("loop_finished"):
             return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)." + kept_note
         return (f"Check round {r.get('round')}: {r.get('flagged', 0)} images flagged, {r.get('accepted', 0)} "

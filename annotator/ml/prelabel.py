@@ -624,7 +624,8 @@ class Prelabeller:
     def mask_from_map(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
                       image: Optional[np.ndarray] = None) -> np.ndarray:
         """Map above the pixel threshold; refined with the fine map (and the image's colours); closed;
-        small regions dropped."""
+        small regions dropped, and regions on which the map stays below the image threshold
+        (``region_min_peak``)."""
         cfg = self.config
         mask = m > self.thresholds["pixel"]
         if cfg.region_peak_fraction > 0 and "median" in self.thresholds and mask.any():

@@ -315,3 +315,31 @@ def test_a_mask_kept_against_a_flag_is_recorded_but_not_sent_back(review, projec
     summary = review.record_check_results(r3, {ids[0]: [], ids[1]: flag(), ids[2]: []},
                                           overruled=[i for i in ids if review.kept_against_flag(i)])
     assert summary["flagged"] == 1 and review.state(ids[1]) == "flagged" and not review.loop_finished()
+
+
+def test_a_label_passes_a_check_only_in_an_ended_round_that_raised_no_flag_on_it(review, project):
+    ids = label_ids(project)
+    prelabel_all(review)
+    precheck_all(review)
+    assert not any(review.accepted_by_check(i) for i in ids)  # no check round yet
+    flag = lambda: [FlagSpec("iou", 0.6, {"iou": 0.4}, box(2, 9, 2, 9))]  # noqa: E731
+    r1 = review.start_check_round()
+    review.record_check_results(r1, {ids[0]: flag(), ids[1]: []}, final=False)
+    assert not review.accepted_by_check(ids[1])  # the round has not ended
+    review.record_check_results(r1, {ids[2]: []})
+    assert not review.accepted_by_check(ids[0])  # flagged
+    assert review.accepted_by_check(ids[1]) and review.accepted_by_check(ids[2])
+    review.accept_as_is(ids[0])  # kept against its flag: that rule, not this one
+    assert review.kept_against_flag(ids[0]) and not review.accepted_by_check(ids[0])
+    review.replace_mask(ids[1], box(3, 7, 3, 7))  # changed after it passed: judged again
+    assert not review.accepted_by_check(ids[1])
+    # the third passed label's flag in round 2 is recorded, resolved, not sent back
+    r2 = review.start_check_round()
+    passed = [i for i in ids if review.accepted_by_check(i)]
+    assert passed == [ids[2]]
+    summary = review.record_check_results(r2, {ids[0]: [], ids[1]: [], ids[2]: flag()}, overruled=passed)
+    assert summary["flagged"] == 0 and review.state(ids[2]) == "accepted" and review.loop_finished()
+    # a round in which it was flagged, even if not sent back, is not a pass
+    r3 = review.start_check_round()
+    review.record_check_results(r3, {ids[0]: [], ids[1]: [], ids[2]: []})
+    assert review.accepted_by_check(ids[2])  # round 1 still counts

@@ -151,6 +151,34 @@ def test_check_does_not_resend_a_mask_the_person_kept_against_a_flag(tmp_path, d
         assert again["overruled"] == 0 and {review.state(i) for i in kept} == {"flagged"}
 
 
+def test_check_does_not_resend_a_label_an_earlier_round_accepted(tmp_path, data):
+    """Spec 003 checks again what the person re-pre-checked after a flag; a label that passed a round
+    and has not changed is not sent back by a later round's false alarm (unless asked)."""
+    from annotator.pipeline.check import check_project
+
+    lenient = FlagRules(iou_threshold=0.0, operation="mean", wrong_threshold_mean=0.0, missed_threshold_mean=1.1,
+                        unlabelled_check=False)  # nothing is flagged
+    strict = FlagRules(iou_threshold=1.01, iou_tolerance_px=0, unlabelled_check=False)  # every label is flagged
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, data)
+        review = Review(p)
+        truth = truth_masks(p, data)
+        ids = sorted(truth)
+        for i in ids:
+            review.replace_mask(i, truth[i])
+        first = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=lenient)
+        assert first["flagged"] == 0 and review.loop_finished()
+        review.replace_mask(ids[0], truth[ids[0]] | np.pad(np.ones((4, 4), bool), ((0, 60), (0, 60))))
+        second = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict)
+        assert second["flagged"] == 1 and second["accepted_before"] == len(ids) - 1 and second["overruled"] == 0
+        assert [q.image_id for q in review.queue()] == [ids[0]]  # only the changed label comes back
+        assert {review.state(i) for i in ids[1:]} == {"accepted"}
+        assert all(f.resolved for i in ids[1:] for f in p.flags(round=second["round"], image_id=i))
+        again = check_project(p, variant="iou", folds=2, checker_config=small_checkers(), rules=strict,
+                              recheck_accepted=True)
+        assert again["flagged"] == len(ids) and again["accepted_before"] == 0
+
+
 def test_prelabel_works_through_groups_bounded_by_count_and_pixels():
     from types import SimpleNamespace
 
