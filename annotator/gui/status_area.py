@@ -35,16 +35,14 @@ def describe_result(kind: str, r: Mapping) -> str:
         return (f"Model 1 pre-labelled {r.get('prelabelled', 0)} images ({r.get('defective', 0)} look defective). "
                 "Pre-check them in the queue.")
     if kind == "check":
-        kept = r.get("overruled", 0)
-        before = r.get("accepted_before", 0)
-        kept_note = (f" {kept} flagged again on labels you had kept against a flag: recorded, not sent back."
-                     if kept else "")
-        if before:
-            kept_note += (f" {before} flagged on labels an earlier round had accepted and nobody changed since: "
-                          "recorded, not sent back.")
+        kept, before = r.get("overruled", 0), r.get("accepted_before", 0)
+        held = ([f"{kept} on labels you kept against a flag"] if kept else []) + (
+            [f"{before} on labels an earlier round accepted, unchanged since"] if before else [])
+        kept_note = f" Flags recorded, not sent back: {', '.join(held)}." if held else ""
         if r.get("loop_finished"):
             return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)." + kept_note
-        return (f"Check round {r.get('round')}: {r.get('flagged', 0)} images flagged, {r.get('accepted', 0)} "
+        n = r.get("flagged", 0)
+        return (f"Check round {r.get('round')}: {n} image{'' if n == 1 else 's'} flagged, {r.get('accepted', 0)} "
                 "accepted. Work through the flags in the queue." + kept_note)
     if kind == "export":
         note = "" if r.get("loop_finished") else " (the loop was not finished)"

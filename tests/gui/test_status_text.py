@@ -1,0 +1,14 @@
+"""The status-bar sentence after a check round says what was recorded but not sent back."""
+from annotator.gui.status_area import describe_result
+
+
+def test_a_check_summary_names_the_flags_not_sent_back():
+    plain = describe_result("check", {"round": 3, "flagged": 2, "accepted": 60})
+    assert plain.startswith("Check round 3: 2 images flagged, 60 accepted") and "not sent back" not in plain
+    both = describe_result("check", {"round": 4, "flagged": 1, "accepted": 61, "overruled": 2, "accepted_before": 3})
+    assert both.startswith("Check round 4: 1 image flagged")
+    assert both.endswith("not sent back: 2 on labels you kept against a flag, 3 on labels an earlier round "
+                         "accepted, unchanged since.")
+    done = describe_result("check", {"round": 5, "flagged": 0, "accepted": 62, "accepted_before": 1,
+                                     "loop_finished": True})
+    assert done.startswith("The check raised no flag: the loop is finished.") and done.endswith("not sent back: 1 on labels an earlier round accepted, unchanged since.")
