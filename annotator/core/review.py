@@ -270,7 +270,7 @@ class Review:
 
     def record_check_results(
         self, round: int, flags_by_image: Mapping[int, Iterable[Union[FlagSpec, Mapping]]], final: bool = True,
-        overruled: Iterable[int] = (),
+        overruled: Iterable[int] = (), accepted_before: Iterable[int] = (),
     ) -> dict:
         """Record one check round. ``flags_by_image`` has every checked image as a key
         (an empty list = no flag). Flagged images -> ``flagged``, the others ->
@@ -279,16 +279,18 @@ class Review:
         (``final=True``) ends the round and returns its summary counts.
 
         ``overruled``: images whose flags are recorded but not sent back, because a person
-        already kept this very mask against an earlier flag (:meth:`kept_against_flag`), or an
-        earlier round accepted it (:meth:`accepted_by_check`). Their
+        already kept this very mask against an earlier flag (:meth:`kept_against_flag`). Their
         flags are stored resolved by the current label, the image is ``accepted`` and the round
-        counts them under ``overruled``, not as flagged."""
+        counts them under ``overruled``, not as flagged. ``accepted_before``: the same for labels
+        an earlier round accepted (:meth:`accepted_by_check`), counted under ``accepted_before``
+        (give them with the call that ends the round)."""
         p = self.project
         rnd = p.round(round)
         if rnd.kind != "check" or rnd.ended is not None:
             raise ReviewError(f"round {round} is not an open check round")
         specs = {i: list(fs) for i, fs in flags_by_image.items()}
-        kept = {i for i in overruled if specs.get(i)}
+        before = set(accepted_before)
+        kept = {i for i in set(overruled) | before if specs.get(i)}
         with p.transaction():
             for image_id, fs in specs.items():
                 event = "check_flagged" if fs and image_id not in kept else "check_clean"
@@ -298,7 +300,7 @@ class Review:
             for image_id in kept:
                 p.resolve_flags(image_id, by_label=p.current_label(image_id).id)
             p.add_round_images(round, {i: (0 if i in kept else len(fs)) for i, fs in specs.items()})
-            summary = self._check_summary(round) if final else {}
+            summary = self._check_summary(round, before) if final else {}
             if final:
                 p.end_round(round, summary)
         return summary
@@ -313,16 +315,16 @@ class Review:
         except IllegalTransition as e:
             raise IllegalTransition(f"image {image_id} ({img.rel_path}): {e}") from None
 
-    def _check_summary(self, round: int) -> dict:
+    def _check_summary(self, round: int, accepted_before: frozenset = frozenset()) -> dict:
         coverage = self.project.round_coverage(round)
         flags = self.project.flags(round=round)
         by_rule: dict[str, int] = {}
         for f in flags:
             by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-        overruled = {f.image_id for f in flags if coverage.get(f.image_id) == 0}  # flags recorded, not sent back
+        held = {f.image_id for f in flags if coverage.get(f.image_id) == 0}  # flags recorded, not sent back
         return {"checked": len(coverage), "flagged": sum(1 for n in coverage.values() if n),
                 "accepted": sum(1 for n in coverage.values() if not n), "flags": len(flags), "by_rule": by_rule,
-                "overruled": len(overruled)}
+                "overruled": len(held - accepted_before), "accepted_before": len(held & accepted_before)}
 
     # ---- helpers
 

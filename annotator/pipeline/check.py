@@ -115,9 +115,7 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     kept = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}
     passed = set() if recheck_accepted else {i for i in unchanged if i not in kept and review.accepted_by_check(i)}
     rnd = review.start_check_round()
-    summary = review.record_check_results(rnd, flags_by_image, overruled=kept | passed)
-    accepted_before = sum(1 for i in passed if flags_by_image.get(i))
+    summary = review.record_check_results(rnd, flags_by_image, overruled=kept, accepted_before=passed)
     summary.update(round=rnd, variant=variant, waiting_for_precheck=waiting,
-                   edited_during_check=len(images) - len(unchanged),
-                   overruled=summary["overruled"] - accepted_before, accepted_before=accepted_before)
+                   edited_during_check=len(images) - len(unchanged))
     return summary

@@ -95,7 +95,8 @@ def test_full_loop_until_a_clean_round_covering_everything(review, project):
     r = review.start_check_round()
     summary = review.record_check_results(r, {ids[0]: [], ids[1]: [FlagSpec("iou", 0.7, {"iou": 0.3}, box(2, 8, 2, 8))],
                                               ids[2]: []})
-    assert summary == {"checked": 3, "flagged": 1, "accepted": 2, "flags": 1, "by_rule": {"iou": 1}, "overruled": 0}
+    assert summary == {"checked": 3, "flagged": 1, "accepted": 2, "flags": 1, "by_rule": {"iou": 1}, "overruled": 0,
+                       "accepted_before": 0}
     assert [review.state(i) for i in ids] == ["accepted", "flagged", "accepted"]
     assert review.phase() == "check" and not review.loop_finished()
     (item,) = review.queue()
@@ -337,8 +338,10 @@ def test_a_label_passes_a_check_only_in_an_ended_round_that_raised_no_flag_on_it
     r2 = review.start_check_round()
     passed = [i for i in ids if review.accepted_by_check(i)]
     assert passed == [ids[2]]
-    summary = review.record_check_results(r2, {ids[0]: [], ids[1]: [], ids[2]: flag()}, overruled=passed)
-    assert summary["flagged"] == 0 and review.state(ids[2]) == "accepted" and review.loop_finished()
+    summary = review.record_check_results(r2, {ids[0]: [], ids[1]: [], ids[2]: flag()}, accepted_before=passed)
+    assert summary["flagged"] == 0 and summary["accepted_before"] == 1 and summary["overruled"] == 0
+    assert review.state(ids[2]) == "accepted" and review.loop_finished()
+    assert project.round(r2).summary["accepted_before"] == 1  # the stored round says the same
     # a round in which it was flagged, even if not sent back, is not a pass
     r3 = review.start_check_round()
     review.record_check_results(r3, {ids[0]: [], ids[1]: [], ids[2]: []})
