@@ -21,7 +21,7 @@ The GUI, the CLI and the simulated reviewer of the benchmarks all use :class:`Re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import AbstractSet, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -257,16 +257,26 @@ class Review:
         :meth:`kept_against_flag` instead).
         Spec 003 re-checks what a person re-pre-checked after a flag; a label that passed stays
         accepted unless it changes (see :func:`annotator.pipeline.check.check_project`)."""
+        return image_id in self.accepted_by_check_among([image_id])
+
+    def accepted_by_check_among(self, image_ids: Iterable[int]) -> set[int]:
+        """The images of ``image_ids`` whose current label :meth:`accepted_by_check`; each round's
+        coverage and flags are read once, not once per image."""
         p = self.project
-        current = p.current_label(image_id)
-        if current is None:
-            return False
+        made_in = {}  # image id -> round its current label was made in
+        for i in image_ids:
+            current = p.current_label(i)
+            if current is not None:
+                made_in[i] = current.round
+        out: set[int] = set()
         for r in p.rounds("check"):
+            if r.ended is None:
+                continue
+            clean = {i for i, n in p.round_coverage(r.number).items() if n == 0}
+            clean -= {f.image_id for f in p.flags(round=r.number)}
             # a label made in or after round r (its round number >= r) was not what r judged
-            if (r.number > current.round and r.ended is not None and p.round_coverage(r.number).get(image_id) == 0
-                    and not p.flags(round=r.number, image_id=image_id)):
-                return True
-        return False
+            out |= {i for i in clean if i in made_in and r.number > made_in[i]}
+        return out
 
     def record_check_results(
         self, round: int, flags_by_image: Mapping[int, Iterable[Union[FlagSpec, Mapping]]], final: bool = True,
@@ -315,7 +325,7 @@ class Review:
         except IllegalTransition as e:
             raise IllegalTransition(f"image {image_id} ({img.rel_path}): {e}") from None
 
-    def _check_summary(self, round: int, accepted_before: frozenset = frozenset()) -> dict:
+    def _check_summary(self, round: int, accepted_before: AbstractSet[int] = frozenset()) -> dict:
         coverage = self.project.round_coverage(round)
         flags = self.project.flags(round=round)
         by_rule: dict[str, int] = {}

@@ -113,7 +113,7 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
         flags_by_image[i] = flags_for(labels[i], run.checks[i], variant, rules, images[i], model1)
         on_progress(k + 1, len(unchanged), "judging the labels")
     kept = set() if resend_overruled else {i for i in unchanged if review.kept_against_flag(i)}
-    passed = set() if recheck_accepted else {i for i in unchanged if i not in kept and review.accepted_by_check(i)}
+    passed = set() if recheck_accepted else review.accepted_by_check_among(i for i in unchanged if i not in kept)
     rnd = review.start_check_round()
     summary = review.record_check_results(rnd, flags_by_image, overruled=kept, accepted_before=passed)
     summary.update(round=rnd, variant=variant, waiting_for_precheck=waiting,
