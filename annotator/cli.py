@@ -190,10 +190,20 @@ def cmd_bench(a) -> int:
 
     module = importlib.import_module(f"annotator.bench.{a.what}")
     kwargs: dict = {"quick": True} if a.quick else {}
+    for flag, given in (("--subtle", a.subtle), ("--data", a.data is not None), ("--seed", a.seed is not None)):
+        if given and a.what == "ui":
+            raise ValueError(f"{flag} applies to the prelabel, checkers and loop benchmarks")
+    if a.data is not None:
+        if a.subtle or a.quick:
+            raise ValueError("--subtle and --quick change the demo data; they do not apply with --data")
+        from annotator.bench.data import categories
+
+        categories(a.data)  # one clear line now rather than after minutes of work
+        kwargs["data_root"] = a.data
     if a.subtle:
-        if a.what == "ui":
-            raise ValueError("--subtle applies to the prelabel, checkers and loop benchmarks")
         kwargs["min_visibility"] = 0.0
+    if a.seed is not None:
+        kwargs["seed"] = a.seed
     result = module.run(**kwargs)
     if a.json:
         _print_json(result)
@@ -290,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (or .json file for coco)")
     p.add_argument("--format", choices=("mvtec", "coco", "labelme", "masks"), required=True)
 
-    p = sub.add_parser("bench", help="benchmarks on demo data")
+    p = sub.add_parser("bench", help="benchmarks on demo data or on your own MVTec AD folder")
     p.add_argument("what", choices=("prelabel", "checkers", "loop", "ui"))
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="measure on this MVTec AD category (train/good, test/<kind>, ground_truth/<kind>) "
+                        "or folder of categories instead of generated demo fabric (loop: one category)")
+    p.add_argument("--seed", type=int, default=None, help="draw of the demo data, label errors and fits (default 0)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="small data, for a smoke run")
     p.add_argument("--subtle", action="store_true",

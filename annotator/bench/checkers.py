@@ -8,18 +8,18 @@ of the flags against the injected errors, per kind and per variant.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from annotator.bench.data import categories, load_category
 from annotator.core import masks as M
 from annotator.core.demo_fabric import write_demo_mvtec
 from annotator.core.flags import FlagRules, iou_flag, probability_flag
-from annotator.core.images import load_image, load_mask
 from annotator.core.label_noise import ERROR_KINDS, inject_error
 
 VARIANTS = {
@@ -35,16 +35,6 @@ VARIANTS = {
     "both_tol1_mean_no_image": ("both", FlagRules(iou_tolerance_px=1, operation="mean", image_support=False)),
     "both_exact_mean": ("both", FlagRules(iou_tolerance_px=0, operation="mean")),
 }
-
-
-def load_demo(root: Path) -> tuple[dict, dict]:
-    images, truth = {}, {}
-    for p in sorted((root / "test").rglob("*.png")):
-        rel = p.relative_to(root).as_posix()
-        images[rel] = load_image(p)
-        gt = root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        truth[rel] = load_mask(gt) if gt.is_file() else np.zeros(images[rel].shape[:2], bool)
-    return images, truth
 
 
 def inject(truth: dict, error_rate: float, rng: np.random.Generator) -> tuple[dict, dict]:
@@ -100,7 +90,9 @@ def score(flagged: set, errors: dict, n_images: int) -> dict:
 
 def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_per_defect: int = 6,
         size: int = 256, error_rate: float = 0.2, folds: int = 3, scheme: str = "disjoint", seed: int = 0,
-        checker_config=None, min_visibility: Optional[float] = None) -> dict:
+        checker_config=None, min_visibility: Optional[float] = None, data_root: Optional[os.PathLike] = None) -> dict:
+    """``data_root``: an MVTec-AD category (or a folder of them) with ground-truth masks to
+    measure on instead of the demo fabrics; its test images are the labels (train/good is not used)."""
     from annotator.ml.checkers import CheckerConfig, run_checkers
 
     if quick:
@@ -110,12 +102,20 @@ def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_
     rng = np.random.default_rng(seed)
     totals = {v: {"flagged": set(), "errors": {}} for v in VARIANTS}
     per_style, n_total, fit_s = {}, 0, 0.0
-    for s_i, style in enumerate(styles):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_demo_mvtec(tmp, style=style, n_train_good=1, n_test_good=n_test_good,
-                             n_per_defect=n_per_defect, size=size, seed=seed + 101 * s_i,
-                             min_visibility=min_visibility)
-            images, truth = load_demo(Path(tmp))
+    sets = categories(data_root) if data_root is not None else {style: None for style in styles}
+    skipped = {}
+    for s_i, (style, root) in enumerate(sets.items()):
+        if root is not None:
+            cat = load_category(root, need_good=False)
+            skipped.update({f"{style}/{rel}": reason for rel, reason in cat.skipped})
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_demo_mvtec(tmp, style=style, n_train_good=1, n_test_good=n_test_good,
+                                 n_per_defect=n_per_defect, size=size, seed=seed + 101 * s_i,
+                                 min_visibility=min_visibility)
+                cat = load_category(tmp, need_good=False)
+        images = {rel: img for _, rel, img, _ in cat.test}
+        truth = cat.truth_by_path()
         noisy, errors = inject(truth, error_rate, rng)
         started = time.perf_counter()
         result = run_checkers(images, noisy, n_models=folds, scheme=scheme, config=config, seed=seed)
@@ -130,17 +130,22 @@ def run(quick: bool = False, styles=("twill", "knit"), n_test_good: int = 20, n_
         n_total += len(images)
     overall = {v: score(t["flagged"], t["errors"], n_total) for v, t in totals.items()}
     return {"benchmark": "checkers", "images": n_total, "error_rate": error_rate, "folds": folds, "scheme": scheme,
-            "styles": list(styles), "size": size, "min_visibility": min_visibility, "steps_per_checker": config.steps,
+            "styles": list(sets), "data_root": None if data_root is None else str(data_root),
+            "skipped": skipped, "size": size, "min_visibility": min_visibility, "steps_per_checker": config.steps,
             "seconds_train_and_score": round(fit_s, 1), "overall": overall, "per_style": per_style}
 
 
 def format_report(r: dict) -> str:
-    lines = [f"checkers benchmark: {r['images']} images ({', '.join(r['styles'])}), {r['error_rate']:.0%} with an"
+    lines = [f"checkers benchmark: {r['images']} images ({r.get('data_root') or ', '.join(r['styles'])}), "
+             f"{r['error_rate']:.0%} with an"
              f" injected error, {r['folds']} checkers ({r['scheme']}), {r['seconds_train_and_score']} s",
              f"{'variant':<16} {'precision':>9} {'recall':>7} {'flagged':>8}  recall by kind"]
     for v, s in r["overall"].items():
         kinds = " ".join(f"{k}={x}" for k, x in s["recall_by_kind"].items())
         lines.append(f"{v:<16} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
+    if r.get("skipped"):
+        lines.append(f"skipped {len(r['skipped'])}: " + "; ".join(
+            f"{k} ({why})" for k, why in list(r["skipped"].items())[:5]) + (" …" if len(r["skipped"]) > 5 else ""))
     default = r["overall"].get("iou_tol1")
     if default:
         fa = ", ".join(f"{k} {n}" for k, n in default["false_alarms_by_image_kind"].items())

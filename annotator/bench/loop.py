@@ -9,6 +9,7 @@ without checkers.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from annotator.bench.data import categories, load_category
 from annotator.bench.reviewer import SimulatedReviewer, label_quality
 from annotator.core.demo_fabric import write_demo_mvtec
 from annotator.core.review import Review
@@ -42,7 +44,9 @@ def from_scratch(truth: dict, error_rate: float, seed: int) -> dict:
 def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_test_good: int = 20,
         n_per_defect: int = 6, size: int = 256, error_rate: float = 0.15, max_rounds: int = 6, folds: int = 3,
         variant: str = "both", seed: int = 0, prelabel_config=None, checker_config=None,
-        min_visibility: Optional[float] = None) -> dict:
+        min_visibility: Optional[float] = None, data_root: Optional[os.PathLike] = None) -> dict:
+    """``data_root``: one MVTec-AD category with a ground-truth mask for every defect image to
+    run the loop on instead of a demo fabric (train/good trains model 1; test/ is labelled)."""
     from annotator.ml.checkers import CheckerConfig
     from annotator.pipeline.check import check_project
     from annotator.pipeline.prelabel import prelabel_project
@@ -52,13 +56,29 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
         checker_config = checker_config or CheckerConfig(steps=60)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        write_demo_mvtec(data, style=style, n_train_good=n_train_good, n_test_good=n_test_good,
-                         n_per_defect=n_per_defect, size=size, seed=seed, min_visibility=min_visibility)
+        if data_root is None:
+            data = Path(tmp) / "data"
+            write_demo_mvtec(data, style=style, n_train_good=n_train_good, n_test_good=n_test_good,
+                             n_per_defect=n_per_defect, size=size, seed=seed, min_visibility=min_visibility)
+        else:
+            cats = categories(data_root)
+            if len(cats) > 1:
+                raise ValueError(f"the loop benchmark runs on one category; {data_root} holds {len(cats)}: "
+                                 f"{', '.join(cats)}")
+            (style, data), = cats.items()
+            by_path = load_category(data).truth_by_path()
         with Project.create(Path(tmp) / "project") as project:
             project_io.import_mvtec(project, data)
+            if data_root is None:
+                truth = truth_masks(project, data)
+            else:
+                truth = {img.id: by_path[img.rel_path] for img in project.images(role="label")
+                         if img.rel_path in by_path}
+                unknown = len(project.images(role="label")) - len(truth)
+                if unknown:
+                    raise ValueError(f"{data}: {unknown} test image(s) without a readable ground-truth mask; "
+                                     f"the loop needs the truth of every image it labels")
             prelabel = prelabel_project(project, prelabel_config)
-            truth = truth_masks(project, data)
             review = Review(project)
             after_model1 = _quality(project, truth)
             reviewer = SimulatedReviewer(truth, error_rate=error_rate, seed=seed)
@@ -84,7 +104,8 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
     no_checkers = rounds[0]
     final = rounds[-1]
     return {
-        "benchmark": "loop", "style": style, "min_visibility": min_visibility, "images_to_label": len(truth),
+        "benchmark": "loop", "style": style, "data_root": None if data_root is None else str(data_root),
+        "min_visibility": min_visibility, "images_to_label": len(truth),
         "defective": int(sum(m.any() for m in truth.values())), "error_rate": error_rate,
         "model1": {"defective_called": prelabel.get("defective_now"), **after_model1},
         "rounds": rounds, "loop_finished": finished,
@@ -99,7 +120,8 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
 
 
 def format_report(r: dict) -> str:
-    lines = [f"loop benchmark: {r['images_to_label']} images to label ({r['defective']} defective), "
+    lines = [f"loop benchmark on {r.get('data_root') or 'demo ' + r['style']}: {r['images_to_label']} images to label "
+             f"({r['defective']} defective), "
              f"reviewer error rate {r['error_rate']:.0%}, {r['seconds']} s",
              f"{'round':<10} {'sent back':>9} {'edited':>7} {'mean IoU':>9} {'errors':>7}"]
     for x in r["rounds"]:

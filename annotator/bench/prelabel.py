@@ -40,37 +40,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import cv2
 import numpy as np
 
+from annotator.bench.data import categories, load_category
 from annotator.core.demo_fabric import DEFECT_KINDS, STYLES, write_demo_mvtec
 from annotator.core.masks import iou
-
-IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def load_mvtec(root: os.PathLike, n_good: Optional[int] = None) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]:
-    """(good training images, [(kind, image, bool mask)] test set) of one MVTec-style category."""
-    root = Path(root)
-    files = sorted(f for f in (root / "train" / "good").iterdir() if f.suffix.lower() in IMAGE_EXT)
-    good = [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files[:n_good]]
-    test = []
-    test_dirs = sorted(d for d in (root / "test").iterdir() if d.is_dir()) if (root / "test").is_dir() else []
-    for kind_dir in test_dirs:
-        for f in sorted(p for p in kind_dir.iterdir() if p.suffix.lower() in IMAGE_EXT):
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if kind_dir.name == "good":
-                mask = np.zeros(img.shape[:2], bool)
-            else:
-                gt = root / "ground_truth" / kind_dir.name / f"{f.stem}_mask.png"
-                m = cv2.imread(str(gt), cv2.IMREAD_GRAYSCALE)
-                mask = m > 0 if m is not None else np.zeros(img.shape[:2], bool)
-            test.append((kind_dir.name, img, mask))
-    return good, test
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -213,7 +187,7 @@ def coreset_study(n_images: Sequence[int] = (60, 200), size: int = 256, seed: in
         if not root:
             write_demo_mvtec(base, style=style, n_train_good=max(n_images), n_test_good=0, n_per_defect=0,
                              size=size, seed=seed)
-        good, _ = load_mvtec(base, max(n_images))
+        good = load_category(base, max_good=max(n_images), need_test=False).good
     cfg = PrelabelConfig(layers=tuple(layers), grid_stride=0)
     emb = PatchEmbedder(cfg.layers, None, pick_device("auto"), 0, cfg.pool)
     for n in n_images:
@@ -260,6 +234,7 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
     cfg = config or PrelabelConfig(seed=seed)
     extra = {"ours_b24": replace(cfg, layers=("blocks.2", "blocks.4"), grid_stride=0)} if with_b24 else {}
     report: dict = {"config": cfg.to_dict(), "n_good": n_good, "size": size, "seed": seed,
+                    "data_root": None if data_root is None else str(data_root),
                     "min_visibility": min_visibility,
                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                 "cuda": torch.cuda.is_available(), "python": platform.python_version()},
@@ -267,7 +242,7 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if data_root is not None:
-            sets = {Path(data_root).name: Path(data_root)}
+            sets = categories(data_root)
         else:
             sets = {}
             for st in styles:
@@ -277,10 +252,12 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
                                  min_visibility=min_visibility)
                 sets[st] = root
         for i, (name, root) in enumerate(sets.items()):
-            good, test = load_mvtec(root, n_good)
-            report["datasets"][name] = bench_dataset(good, test, cfg, with_anomalib=with_anomalib,
+            cat = load_category(root, max_good=n_good)
+            test = [(kind, img, mask) for kind, _, img, mask in cat.test]
+            report["datasets"][name] = bench_dataset(cat.good, test, cfg, with_anomalib=with_anomalib,
                                                      anomalib_steps=anomalib_steps, extra_configs=extra,
                                                      compare_full_bank=compare_full_bank and i == 0)
+            report["datasets"][name]["skipped"] = dict(cat.skipped)
             print(name, json.dumps(_short(report["datasets"][name])), file=sys.stderr, flush=True)
     report["summary"] = _summary(report["datasets"])
     if with_coreset_study:
@@ -312,6 +289,36 @@ def _summary(datasets: dict) -> dict:
     if ratios:
         out["ours_vs_anomalib"] = {k: round(float(np.mean([r[k] for r in ratios])), 3) for k in ratios[0]}
     return out
+
+
+def format_report(r: dict) -> str:
+    """The report as a table: one row per data set and side (ours, anomalib, variants), then the means."""
+    src = r.get("data_root") or f"demo fabric, seed {r['seed']}, {r['size']} px"
+    lines = [f"pre-labeller benchmark on {src}: {r['seconds']} s",
+             f"{'data set':<14} {'side':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'mean IoU':>8} "
+             f"{'good w/ mask':>12} {'recall':>6} {'fit s':>7} {'img/s':>6}"]
+
+    def row(name: str, side: str, v: dict) -> str:
+        def f(key: str, fmt: str = "{:.3f}") -> str:
+            x = v.get(key)
+            return "-" if x is None or x != x else fmt.format(x)
+        return (f"{name:<14} {side:<16} {f('image_auroc'):>11} {f('pixel_auroc'):>11} {f('mean_iou'):>8} "
+                f"{f('good_with_mask', '{:.0%}'):>12} {f('recall', '{:.2f}'):>6} {f('fit_seconds', '{:.1f}'):>7} "
+                f"{f('images_per_s', '{:.1f}'):>6}")
+
+    for name, ds in r["datasets"].items():
+        for side, v in ds.items():
+            if _is_side(side, v):
+                lines.append(row(name, side, v))
+        if ds.get("ours_vs_anomalib"):
+            lines.append(f"{'':<14} ours / anomalib: " + ", ".join(f"{k} {x}" for k, x in ds["ours_vs_anomalib"].items()))
+        if ds.get("skipped"):
+            lines.append(f"{'':<14} skipped {len(ds['skipped'])}: " + "; ".join(
+                f"{k} ({why})" for k, why in list(ds["skipped"].items())[:5]) + (" …" if len(ds["skipped"]) > 5 else ""))
+    for side, v in r["summary"].items():
+        if side != "ours_vs_anomalib" and len(r["datasets"]) > 1:
+            lines.append(row("mean", side, v))
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
