@@ -117,3 +117,13 @@ def test_cli_bench_data_errors_are_one_line(tmp_path, category):
     assert r.returncode == 1 and "--data" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("bench", "checkers", "--data", category, "--quick")
     assert r.returncode == 1 and "--quick" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_prelabel_summary_averages_the_ratios_every_data_set_has():
+    side = {"image_auroc": 0.9, "pixel_auroc": 0.9, "mean_iou": 0.2, "good_with_mask": 0.0, "fit_seconds": 1.0,
+            "images_per_s": 2.0}
+    datasets = {"a": {"ours": side, "ours_vs_anomalib": {"image_auroc": 1.2, "mean_iou": 2.0}},
+                "b": {"ours": side, "ours_vs_anomalib": {"image_auroc": 0.8}}}  # anomalib drew no mask on b
+    summary = bench_prelabel._summary(datasets)
+    assert summary["ours_vs_anomalib"] == {"image_auroc": 1.0}
+    assert summary["ours"]["image_auroc"] == 0.9
