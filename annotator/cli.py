@@ -100,7 +100,8 @@ def cmd_prelabel(a) -> int:
     bar = _Bar(a.quiet)
     with _open(a.project) as p:
         try:
-            cfg = config_for_scale(a.scale, method=a.method)  # window and blurs follow the magnification
+            # window and blurs follow the magnification
+            cfg = config_for_scale(a.scale, method=a.method, coarse_weight=a.coarse_weight)
             summary = prelabel_project(p, cfg, on_progress=bar)
         finally:
             bar.close()
@@ -215,6 +216,16 @@ def cmd_bench(a) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"weight must be a number in [0, 10], got {text!r}")
+    return value
+
+
 def _scale(text: str) -> float:
     try:
         value = float(text)
@@ -265,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
     p.add_argument("--scale", type=_scale, default=2.0,
                    help="magnification before the backbone (default 2: small defects; 1: about 4x faster)")
+    p.add_argument("--coarse-weight", type=_weight, default=0.5, metavar="W",
+                   help="weight of the coarse memory (deep features: natural textures) added to the fine one "
+                        "(threads, knots, thin lines); 0 = fine only (default 0.5)")
     p.add_argument("--quiet", action="store_true")
 
     p = verb("check", cmd_check, "train the checkers on the pre-checked labels and flag suspicious ones")

@@ -45,8 +45,8 @@ def categories(root: os.PathLike) -> dict[str, Path]:
         raise ValueError(f"{root}: no such folder")
     if (root / "train" / "good").is_dir() or (root / "test").is_dir():
         return {root.resolve().name: root}
-    found = {d.name: d for d in sorted(root.iterdir())
-             if d.is_dir() and not d.name.startswith(".") and ((d / "train" / "good").is_dir() or (d / "test").is_dir())}
+    found = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+             and ((d / "train" / "good").is_dir() or (d / "test").is_dir())}
     if not found:
         raise ValueError(f"{root} holds no MVTec AD category (train/good/ and test/<defect kind>/, "
                          f"or a folder of such categories)")

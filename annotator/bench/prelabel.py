@@ -232,7 +232,8 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
     from annotator.ml.prelabel import PrelabelConfig
 
     cfg = config or PrelabelConfig(seed=seed)
-    extra = {"ours_b24": replace(cfg, layers=("blocks.2", "blocks.4"), grid_stride=0)} if with_b24 else {}
+    b24 = replace(cfg, layers=("blocks.2", "blocks.4"), grid_stride=0, coarse_layers=())  # the deep stages alone
+    extra = {"ours_b24": b24} if with_b24 else {}
     report: dict = {"config": cfg.to_dict(), "n_good": n_good, "size": size, "seed": seed,
                     "data_root": None if data_root is None else str(data_root),
                     "min_visibility": min_visibility,

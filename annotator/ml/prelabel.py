@@ -50,7 +50,8 @@ from annotator.ml.backbone import STAGES, create_lite0_features, full_fp32, norm
 from annotator.ml.reference_refine import reference_crops, refine_with_reference
 
 FORMAT = "annotator.prelabel"
-FORMAT_VERSION = 2  # 2: border profile (older readers would ignore it and mis-threshold)
+COARSE_MIN_PX = 256  # px after scale: smallest tile / image side for the coarse memory (see PrelabelConfig)
+FORMAT_VERSION = 3  # 2: border profile, 3: coarse memory (older readers would ignore them and mis-threshold)
 CONFIG_FILE = "prelabeller.json"
 TENSORS_FILE = "prelabeller.pt"
 METHODS = ("patchcore", "padim")
@@ -70,6 +71,18 @@ class PrelabelConfig:
     backbone_weights: Optional[str] = None  # None: the offline default of annotator.ml.backbone
     grid_stride: int = 4  # px between patches; 0 = the finest layer's stride (other maps are resized to it)
     pool: int = 3  # "locally aware" average pooling of each stage's map (odd; 1 = none)
+    # A second, coarse memory (PatchCore only): the deeper stages blocks.2 + blocks.4 (stride 8 and 16, 152
+    # channels) with their own bank. Its map is scaled to the fine map's units on the held-out good images (equal
+    # 0.999 quantiles), times coarse_weight, and added; the thresholds are calibrated on the sum, the mask's fine
+    # map stays the fine memory's. The fine stages see threads, knots and thin lines; the deep ones see what
+    # natural textures vary in. Image AUROC, max of the summed map (docs/benchmarks.md): scikit-image brick /
+    # grass / gravel photographs (128-px crops, 100 good, 40 defects each from another generator) 0.963 / 0.632 /
+    # 0.762 fine only -> 0.975 / 0.705 / 0.882 at weight 0.5 (0.980 / 0.720 / 0.887 at 1.0); the 5 demo fabrics
+    # 0.952 -> 0.956 (0.947 at 1.0: knit and rib lose). Used only where the model's images and tiles are at least
+    # COARSE_MIN_PX (after scale): on smaller ones blocks.4 sees mostly padding (96-px images, 12 good: 3 of 8
+    # new good images called defective, none without it). () or weight 0 = off.
+    coarse_layers: tuple[str, ...] = ("blocks.2", "blocks.4")
+    coarse_weight: float = 0.5
     # --- geometry
     tile: int = 512  # window of the scaled image (px after scale); a 256x256 image magnified 2x is one tile
     tile_overlap: int = 32  # px shared by neighbouring tiles; their maps are blended with ramps
@@ -175,6 +188,10 @@ class PrelabelConfig:
         unknown = [name for name in self.layers if name not in STAGES]
         if not self.layers or unknown:
             raise ValueError(f"layers must be Lite0 stages {list(STAGES)}, got {self.layers}")
+        if any(name not in STAGES for name in self.coarse_layers):
+            raise ValueError(f"coarse_layers must be Lite0 stages {list(STAGES)}, got {self.coarse_layers}")
+        if self.coarse_weight < 0:
+            raise ValueError("coarse_weight must be >= 0")
         if self.tile < 32 or not 0 <= self.tile_overlap < self.tile // 2:
             raise ValueError("tile must be >= 32 and 0 <= tile_overlap < tile/2")
         if self.context < 0 or self.context % 16:
@@ -193,6 +210,7 @@ class PrelabelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["coarse_layers"] = list(self.coarse_layers)
         return d
 
     @classmethod
@@ -201,7 +219,15 @@ class PrelabelConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         if "layers" in kwargs:
             kwargs["layers"] = tuple(kwargs["layers"])
+        # a model saved before the coarse memory existed has none
+        kwargs["coarse_layers"] = tuple(kwargs.get("coarse_layers", ()))
         return cls(**kwargs)
+
+    @property
+    def uses_coarse(self) -> bool:
+        """Whether a fit builds the coarse memory (if its good images are also >= COARSE_MIN_PX after scale)."""
+        return (self.method == "patchcore" and bool(self.coarse_layers) and self.coarse_weight > 0
+                and self.tile >= COARSE_MIN_PX)
 
 
 @dataclass(frozen=True)
@@ -486,7 +512,8 @@ class Prelabeller:
 
     def __init__(self, config: PrelabelConfig, state: dict[str, torch.Tensor], thresholds: dict,
                  metrics: Optional[dict] = None, embedder: Optional[PatchEmbedder] = None,
-                 border: Optional[dict] = None) -> None:
+                 border: Optional[dict] = None, coarse_gain: float = 0.0,
+                 coarse_embedder: Optional[PatchEmbedder] = None) -> None:
         self.config = config
         # {"coarse": (n, 2) [mean, sd] by distance to the edge, "fine": ...} or None (no correction)
         self.border = {k: np.asarray(v, np.float64) for k, v in border.items()} if border else None
@@ -498,16 +525,23 @@ class Prelabeller:
         self.state = {k: v.to(self.device) for k, v in state.items()}
         self.thresholds = dict(thresholds)
         self.metrics = dict(metrics or {})
-        if "bank" in self.state:
-            self.state["bank_sq"] = (self.state["bank"] ** 2).sum(1)
+        for key in ("bank", "bank_coarse"):
+            if key in self.state:
+                self.state[f"{key}_sq"] = (self.state[key] ** 2).sum(1)
+        # the coarse memory's map enters as coarse_gain x its map (0 until the fit has measured the gain)
+        self.coarse_gain = float(coarse_gain)
+        self.coarse_embedder = None
+        if "bank_coarse" in self.state:
+            self.coarse_embedder = coarse_embedder or PatchEmbedder(config.coarse_layers, config.backbone_weights,
+                                                                    self.device, 0, config.pool)
 
     # ---- scoring
-    def _patch_scores(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) embeddings -> (B, h, w) patch anomaly scores."""
+    def _patch_scores(self, emb: torch.Tensor, bank: str = "bank") -> torch.Tensor:
+        """(B, D, h, w) embeddings -> (B, h, w) patch anomaly scores (distance to the nearest patch of ``bank``)."""
         b, d, h, w = emb.shape
         q = emb.permute(0, 2, 3, 1).reshape(-1, d)
         if self.config.method == "patchcore":
-            s = _nn_sqdist(q, self.state["bank"], self.state["bank_sq"]).sqrt_()
+            s = _nn_sqdist(q, self.state[bank], self.state[f"{bank}_sq"]).sqrt_()
         else:
             q = q[:, self.state["channels"]] - self.state["mean"]
             s = ((q @ self.state["inv_cov"]) * q).sum(1).clamp_min_(0).sqrt_()
@@ -517,62 +551,86 @@ class Prelabeller:
                  cancel: Optional[CancelToken] = None, what: str = "pre-labelling"
                  ) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
         """(index, anomaly map, fine map or None), float32 at the input size, per image as it is finished."""
+        for i, fine_sum, coarse_sum, out_hw, k in self._summed_maps(images, on_progress, cancel, what):
+            yield (i, *self._finish_map(self._fuse(fine_sum, coarse_sum), out_hw, k, fine_src=fine_sum))
+
+    def _fuse(self, fine_sum: np.ndarray, coarse_sum: Optional[np.ndarray]) -> np.ndarray:
+        """The fine memory's map plus the coarse memory's, scaled to the fine one's units (see coarse_layers)."""
+        if coarse_sum is None or self.coarse_gain <= 0:
+            return fine_sum
+        return fine_sum + np.float32(self.coarse_gain) * coarse_sum
+
+    def _summed_maps(self, images: Sequence[np.ndarray], on_progress: Optional[ProgressFn],
+                     cancel: Optional[CancelToken], what: str
+                     ) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray], tuple[int, int], float]]:
+        """Per image as it is finished: (index, fine memory's map, coarse memory's map or None, input size,
+        summing size / magnified size), the tiles' patch scores blended, not yet blurred."""
         cfg = self.config
         progress = on_progress or no_progress
         originals = [_check_image(im) for im in images]
         prepped = [_rescale(im, cfg.scale) for im in originals]
         total = _count_tiles(prepped, cfg)
         remaining = [len(tile_grid(p.shape[0], p.shape[1], cfg.tile, cfg.tile_overlap)) for p in prepped]
-        acc: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        acc: dict[int, list] = {}
         # A magnified image's map is summed at the input size (a 12000 x 9000 scan at 2x would need
         # 3.5 GB of sums at the magnified size, 0.9 GB at its own); a reduced one's at its reduced
         # size and resized when finished.
         k = min(1.0, 1.0 / cfg.scale)  # summing size / magnified size
+        coarse = self.coarse_embedder
         done = 0
         progress(0, total, what)
         with _torch_threads(cfg.num_threads), full_fp32(), torch.inference_mode():
             for tiles, jobs in _tile_batches(prepped, cfg, cancel):
                 th, tw = tiles.shape[1] - 2 * cfg.context, tiles.shape[2] - 2 * cfg.context
                 scores = self._patch_scores(self.embedder(tiles, cfg.context)).cpu().numpy()
+                c_scores = (self._patch_scores(coarse(tiles, cfg.context), "bank_coarse").cpu().numpy()
+                            if coarse is not None else None)
                 win = np.outer(_ramp(th, cfg.tile_overlap), _ramp(tw, cfg.tile_overlap))
-                for s, job in zip(scores, jobs):
+                for n, job in enumerate(jobs):
                     oh, ow = originals[job.image].shape[:2]
                     if job.image not in acc:
                         h, w = (oh, ow) if k < 1 else prepped[job.image].shape[:2]
-                        acc[job.image] = (np.zeros((h, w), np.float32), np.zeros((h, w), np.float32))
-                    m = _upsample_patch_map(s, th, tw, self.embedder.stride)
-                    a, wsum = acc[job.image]
+                        acc[job.image] = [np.zeros((h, w), np.float32), np.zeros((h, w), np.float32),
+                                          np.zeros((h, w), np.float32) if coarse is not None else None]
+                    maps = [_upsample_patch_map(scores[n], th, tw, self.embedder.stride)]
+                    if coarse is not None:
+                        maps.append(_upsample_patch_map(c_scores[n], th, tw, coarse.stride))
+                    a, wsum, c = acc[job.image]
                     if k < 1:
                         y0, x0 = min(oh - 1, round(job.y * k)), min(ow - 1, round(job.x * k))
                         y1 = max(y0 + 1, min(oh, round((job.y + th) * k)))
                         x1 = max(x0 + 1, min(ow, round((job.x + tw) * k)))
-                        m = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                        maps = [cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA) for m in maps]
                         wt = cv2.resize(win, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
                     else:
                         y0, x0, y1, x1, wt = job.y, job.x, job.y + th, job.x + tw, win
-                    a[y0:y1, x0:x1] += m * wt
+                    a[y0:y1, x0:x1] += maps[0] * wt
                     wsum[y0:y1, x0:x1] += wt
+                    if c is not None:
+                        c[y0:y1, x0:x1] += maps[1] * wt
                     remaining[job.image] -= 1
                     if remaining[job.image] == 0:
-                        a, wsum = acc.pop(job.image)
-                        yield (job.image, *self._finish_map(a / wsum, (oh, ow), k))
+                        a, wsum, c = acc.pop(job.image)
+                        yield job.image, a / wsum, (c / wsum if c is not None else None), (oh, ow), k
                 done += len(jobs)
                 progress(done, total, f"{what}: {done}/{total} tiles")
 
-    def _finish_map(self, m: np.ndarray, out_hw: tuple[int, int], k: float = 1.0
-                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Blurred map (and the less blurred one for mask refinement), at the input size. ``m``
-        is at ``k`` times the magnified size; the blurs are in px of the magnified image."""
+    def _finish_map(self, m: np.ndarray, out_hw: tuple[int, int], k: float = 1.0,
+                    fine_src: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Blurred map (and the less blurred one for mask refinement, from ``fine_src`` if given: the fine
+        memory alone, whose 4-px grid draws thin lines), at the input size. ``m`` is at ``k`` times the
+        magnified size; the blurs are in px of the magnified image."""
         cfg = self.config
 
-        def blur_resize(sigma: float) -> np.ndarray:
+        def blur_resize(src: np.ndarray, sigma: float) -> np.ndarray:
             sigma = sigma * k
-            out = cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) if sigma > 0 else m
+            out = cv2.GaussianBlur(src, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) if sigma > 0 else src
             if out.shape != tuple(out_hw):
                 out = cv2.resize(out, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR)
             return out.astype(np.float32, copy=False)
 
-        coarse, fine = blur_resize(cfg.blur_sigma), (blur_resize(cfg.refine_sigma) if cfg.refine else None)
+        coarse = blur_resize(m, cfg.blur_sigma)
+        fine = blur_resize(m if fine_src is None else fine_src, cfg.refine_sigma) if cfg.refine else None
         border = getattr(self, "border", None)
         if border:
             coarse = apply_border_profile(coarse, border["coarse"])
@@ -663,7 +721,7 @@ class Prelabeller:
     def save(self, folder: os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu() for k, v in self.state.items() if k != "bank_sq"}
+        tensors = {k: v.detach().cpu() for k, v in self.state.items() if not k.endswith("_sq")}
         if self.references is not None and len(self.references):
             tensors["references"] = torch.from_numpy(np.ascontiguousarray(self.references))
         meta = {
@@ -672,6 +730,7 @@ class Prelabeller:
             "config": self.config.to_dict(),
             "thresholds": self.thresholds,
             "border": {k: v.tolist() for k, v in self.border.items()} if self.border else None,
+            "coarse_gain": self.coarse_gain,
             "metrics": self.metrics,
             "backbone_sha256": self.embedder.fingerprint(),
             "versions": _versions(),
@@ -695,7 +754,8 @@ class Prelabeller:
             data = {**data, "device": device}
         config = PrelabelConfig.from_dict(data)
         state = torch.load(folder / TENSORS_FILE, map_location="cpu", weights_only=True)
-        model = cls(config, state, meta["thresholds"], meta.get("metrics"), border=meta.get("border"))
+        model = cls(config, state, meta["thresholds"], meta.get("metrics"), border=meta.get("border"),
+                    coarse_gain=float(meta.get("coarse_gain", 0.0)))
         want = meta.get("backbone_sha256")
         if want and want != model.embedder.fingerprint():
             raise ValueError("the backbone weights differ from the ones this pre-labeller was fitted with")
@@ -856,8 +916,10 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
     hold_imgs = [_rescale(im, cfg.scale) for im in hold_orig]
     device = pick_device(cfg.device)
     n_fit_tiles, n_hold_tiles = _count_tiles(fit_imgs, cfg), _count_tiles(hold_imgs, cfg)
-    # fit tiles + holdout tiles (scored) + holdout tiles again when refitting
-    total = n_fit_tiles + n_hold_tiles * (2 if cfg.refit_with_holdout and cfg.method == "patchcore" else 1)
+    use_coarse = cfg.uses_coarse and min(min(im.shape[:2]) for im in fit_imgs + hold_imgs) >= COARSE_MIN_PX
+    # fit tiles (twice with the coarse memory) + holdout tiles (scored) + holdout tiles again when refitting
+    total = (n_fit_tiles * (2 if use_coarse else 1)
+             + n_hold_tiles * (2 if cfg.refit_with_holdout and cfg.method == "patchcore" else 1))
     done = [0]
 
     def step(msg: str) -> Callable[[int], None]:
@@ -871,6 +933,7 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
         embedder = PatchEmbedder(cfg.layers, cfg.backbone_weights, device, cfg.grid_stride, cfg.pool)
         progress(0, total, "extracting features of good images")
         # 1. the model, from the fit part only
+        coarse_embedder = None
         if cfg.method == "patchcore":
             per_tile = _patches_per_tile(embedder, cfg, n_fit_tiles)
             feats = _collect(embedder, fit_imgs, cfg, per_tile, rng, step("features of good images"), cancel)
@@ -881,6 +944,16 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
             state = {"bank": feats[idx].contiguous()}
             n_collected = int(feats.shape[0])
             del feats
+            if use_coarse:
+                coarse_embedder = PatchEmbedder(cfg.coarse_layers, cfg.backbone_weights, device, 0, cfg.pool)
+                per_tile_c = _patches_per_tile(coarse_embedder, cfg, n_fit_tiles)
+                feats = _collect(coarse_embedder, fit_imgs, cfg, per_tile_c, rng,
+                                 step("features of good images (coarse)"), cancel)
+                k_c = max(1, min(cfg.coreset_max, math.ceil(cfg.coreset_ratio * feats.shape[0])))
+                progress(done[0], total, f"choosing {k_c} of {feats.shape[0]} coarse patches (coreset)")
+                idx = greedy_coreset(feats, k_c, seed=cfg.seed, proj_dim=cfg.coreset_proj_dim, cancel=cancel)
+                state["bank_coarse"] = feats[idx].contiguous()
+                del feats
         else:
             gen = torch.Generator().manual_seed(cfg.seed)
             n_keep = min(cfg.padim_features, embedder.dim)
@@ -894,15 +967,28 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
             per_tile = 0
         t_model = time.perf_counter()
         # 2. thresholds, from the holdout part only
-        model = Prelabeller(cfg, state, {"image": float("inf"), "pixel": 1.0}, embedder=embedder)
+        model = Prelabeller(cfg, state, {"image": float("inf"), "pixel": 1.0}, embedder=embedder,
+                            coarse_embedder=coarse_embedder)
         model.references = reference_crops([originals[i] for i in fit_idx], cfg.reference_images)
-        hold_maps: list = [None] * len(hold_imgs)
-        hold_fine: list = [None] * len(hold_imgs)
         base = done[0]
-        for i, m, fine in model.raw_maps(hold_orig, lambda d, t, s: progress(base + d, total, s), cancel,
-                                         what="calibrating on held-out good images"):
-            hold_maps[i], hold_fine[i] = m, fine
+        summed = [None] * len(hold_imgs)
+        for i, fine_sum, coarse_sum, out_hw, k_sum in model._summed_maps(
+                hold_orig, lambda d, t, s: progress(base + d, total, s), cancel,
+                what="calibrating on held-out good images"):
+            summed[i] = (fine_sum, coarse_sum, out_hw, k_sum)
         done[0] = base + n_hold_tiles
+        if model.coarse_embedder is not None:
+            # the coarse map in the fine map's units: equal 0.999 quantiles on the held-out good images
+            q_fine = np.quantile(np.concatenate([x[0].ravel() for x in summed]), 0.999)
+            q_coarse = np.quantile(np.concatenate([x[1].ravel() for x in summed]), 0.999)
+            model.coarse_gain = float(cfg.coarse_weight * q_fine / max(float(q_coarse), 1e-12))
+        hold_maps: list = []
+        hold_fine: list = []
+        for fine_sum, coarse_sum, out_hw, k_sum in summed:
+            m, fine = model._finish_map(model._fuse(fine_sum, coarse_sum), out_hw, k_sum, fine_src=fine_sum)
+            hold_maps.append(m)
+            hold_fine.append(fine)
+        del summed
         if cfg.border_px > 0:
             model.border = {"coarse": border_profile(hold_maps, cfg.border_px)}
             hold_maps = [apply_border_profile(m, model.border["coarse"]) for m in hold_maps]
@@ -929,6 +1015,8 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
         "n_good": len(originals), "fit_indices": fit_idx, "holdout_indices": hold_idx,
         "n_patches_collected": n_collected, "bank_size_fit": n_bank_fit,
         "bank_size": int(model.state["bank"].shape[0]) if "bank" in model.state else 0,
+        "coarse_bank_size": int(model.state["bank_coarse"].shape[0]) if "bank_coarse" in model.state else 0,
+        "coarse_gain": model.coarse_gain,
         "calibration": calib,
         "seconds": {"features": round(t_feat - t0, 3), "model": round(t_model - t_feat, 3),
                     "total": round(t_end - t0, 3)},

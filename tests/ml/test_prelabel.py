@@ -57,7 +57,7 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
     (in particular no defective image) reaches the model while it is fitted."""
     seen: dict[str, list] = {"collect": [], "calibrate": [], "tiles": []}
     scaled = [P._rescale(g, FAST.scale) for g in goods]  # the fit part is magnified before the backbone
-    real_collect, real_maps, real_call = P._collect, P.Prelabeller.raw_maps, P.PatchEmbedder.__call__
+    real_collect, real_maps, real_call = P._collect, P.Prelabeller._summed_maps, P.PatchEmbedder.__call__
 
     def spy_collect(embedder, images, *a, **k):
         seen["collect"].append([_which(im, scaled) for im in images])
@@ -72,7 +72,7 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
         return real_call(self, tiles, context)
 
     monkeypatch.setattr(P, "_collect", spy_collect)
-    monkeypatch.setattr(P.Prelabeller, "raw_maps", spy_maps)
+    monkeypatch.setattr(P.Prelabeller, "_summed_maps", spy_maps)
     monkeypatch.setattr(P.PatchEmbedder, "__call__", spy_call)
     m = P.fit_prelabeller(goods, FAST)
     monkeypatch.undo()
@@ -87,9 +87,9 @@ def test_trains_on_good_images_only_and_calibrates_on_the_holdout(monkeypatch, g
                for y, x, th, tw in P.tile_grid(g.shape[0], g.shape[1], FAST.tile, FAST.tile_overlap)}
     assert seen["tiles"] and all(t.tobytes() in windows for t in seen["tiles"])
     # predicting a defective image afterwards does not change the model
-    bank = m.state["bank"].clone()
+    banks = {k: m.state[k].clone() for k in ("bank", "bank_coarse") if k in m.state}
     m.predict([with_hole(spec, 5)[0]])
-    assert torch.equal(bank, m.state["bank"])
+    assert all(torch.equal(b, m.state[k]) for k, b in banks.items())
 
 
 def test_config_for_scale_keeps_the_window_and_blurs_in_image_px():
@@ -420,3 +420,90 @@ def test_a_region_is_kept_only_where_the_map_reaches_the_image_threshold(model):
     assert ungated[20:30, 60:70].all()
     with pytest.raises(ValueError, match="region_min_peak"):
         P.PrelabelConfig(region_min_peak=-1)
+
+
+# 128-px images magnified 2x fill one 256-px tile: large enough for the coarse memory (COARSE_MIN_PX)
+COARSE = dataclasses.replace(FAST, tile=256)
+
+
+@pytest.fixture(scope="module")
+def coarse_goods(spec):
+    return good_images(spec, 10, seed=1, size=128)
+
+
+@pytest.fixture(scope="module")
+def coarse_model(coarse_goods):
+    return P.fit_prelabeller(coarse_goods, COARSE)
+
+
+def test_coarse_memory_is_fitted_on_the_fit_part_only_and_needs_large_enough_images(monkeypatch, coarse_goods, goods):
+    assert COARSE.uses_coarse and not FAST.uses_coarse  # FAST's 64-px tiles are too small for it
+    seen = []
+    scaled = [P._rescale(g, COARSE.scale) for g in coarse_goods]
+    real_collect = P._collect
+
+    def spy_collect(embedder, images, *a, **k):
+        seen.append((embedder.layers, [_which(im, scaled) for im in images]))
+        return real_collect(embedder, images, *a, **k)
+
+    monkeypatch.setattr(P, "_collect", spy_collect)
+    m = P.fit_prelabeller(coarse_goods, COARSE)
+    monkeypatch.undo()
+    fit_idx = m.metrics["fit_indices"]
+    assert seen == [(COARSE.layers, fit_idx), (COARSE.coarse_layers, fit_idx)]
+    assert m.coarse_embedder is not None and m.metrics["coarse_bank_size"] > 0
+    # 96-px images (192 px magnified) are too small: the same settings fit the fine memory only
+    small = P.fit_prelabeller(goods, COARSE)
+    assert small.coarse_embedder is None and "bank_coarse" not in small.state and small.coarse_gain == 0
+
+
+def test_coarse_memory_is_scaled_to_the_fine_map_on_the_holdout_and_added(coarse_model, coarse_goods):
+    model = coarse_model
+    assert model.coarse_embedder is not None and "bank_coarse" in model.state and model.coarse_gain > 0
+    hold = [coarse_goods[i] for i in model.metrics["holdout_indices"]]
+    summed = {i: (f, c) for i, f, c, _, _ in model._summed_maps(hold, None, None, "test")}
+    # the gain gives the coarse map coarse_weight x the fine map's 0.999 quantile on the held-out good images
+    q_fine = np.quantile(np.concatenate([summed[i][0].ravel() for i in summed]), 0.999)
+    q_coarse = np.quantile(np.concatenate([summed[i][1].ravel() for i in summed]), 0.999)
+    assert model.coarse_gain == pytest.approx(COARSE.coarse_weight * q_fine / q_coarse, rel=1e-5)
+    fine_sum, coarse_sum = summed[0]
+    assert coarse_sum.shape == fine_sum.shape and not np.allclose(coarse_sum, fine_sum)
+    m, fine = next(model.raw_maps([hold[0]]))[1:]
+    want_m, want_fine = model._finish_map(fine_sum + np.float32(model.coarse_gain) * coarse_sum, fine_sum.shape,
+                                          min(1.0, 1.0 / COARSE.scale), fine_src=fine_sum)
+    assert m == pytest.approx(want_m, rel=1e-5, abs=1e-6)
+    # the fine map (mask refinement) is the fine memory's alone: the same as a model without the coarse one
+    assert fine == pytest.approx(want_fine, rel=1e-5, abs=1e-6)
+    off = P.fit_prelabeller(coarse_goods, dataclasses.replace(COARSE, coarse_layers=()))
+    assert off.coarse_embedder is None and "bank_coarse" not in off.state
+    assert next(off.raw_maps([hold[0]]))[2] == pytest.approx(fine, rel=1e-5, abs=1e-6)  # same fine bank and split
+    with pytest.raises(ValueError, match="coarse_layers"):
+        dataclasses.replace(COARSE, coarse_layers=("blocks.9",))
+
+
+def test_coarse_memory_round_trips_and_files_from_before_it_load_without_it(coarse_model, coarse_goods, spec,
+                                                                              tmp_path):
+    import json
+
+    model = coarse_model
+    folder = model.save(tmp_path / "m")
+    images = [with_hole(spec, 30, size=128)[0], coarse_goods[0]]
+    again = P.Prelabeller.load(folder)
+    assert again.coarse_gain == model.coarse_gain
+    for a, b in zip(model.predict(images), again.predict(images)):
+        assert a.score == pytest.approx(b.score, rel=1e-6) and np.array_equal(a.mask, b.mask)
+    meta_file = folder / P.CONFIG_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    assert meta["format_version"] == 3 and meta["coarse_gain"] == pytest.approx(model.coarse_gain)
+    old = dict(meta, format_version=2)  # a version-2 file: no coarse memory in config, tensors or meta
+    old.pop("coarse_gain")
+    old["config"] = {k: v for k, v in meta["config"].items() if k not in ("coarse_layers", "coarse_weight")}
+    meta_file.write_text(json.dumps(old), encoding="utf-8")
+    tensors = torch.load(folder / P.TENSORS_FILE, weights_only=True)
+    tensors.pop("bank_coarse")
+    torch.save(tensors, folder / P.TENSORS_FILE)
+    loaded = P.Prelabeller.load(folder)
+    assert loaded.config.coarse_layers == () and loaded.coarse_embedder is None
+    fine_sum = next(model._summed_maps(images[:1], None, None, "test"))[1]
+    raw = next(loaded._summed_maps(images[:1], None, None, "test"))
+    assert raw[2] is None and raw[1] == pytest.approx(fine_sum, rel=1e-5, abs=1e-6)

@@ -158,11 +158,14 @@ def test_cli_prelabel_scale_sets_the_magnification_window_and_blurs(tmp_path):
     assert run_cli("import", proj, "--mvtec", data).returncode == 0
     r = run_cli("prelabel", proj, "--scale", "9", "--quiet")
     assert r.returncode != 0 and "scale must be a number in (0, 4]" in r.stderr
-    r = run_cli("prelabel", proj, "--scale", "1", "--quiet")
+    r = run_cli("prelabel", proj, "--coarse-weight", "-1", "--quiet")
+    assert r.returncode != 0 and "weight must be a number in [0, 10]" in r.stderr
+    r = run_cli("prelabel", proj, "--scale", "1", "--coarse-weight", "0", "--quiet")
     assert r.returncode == 0, r.stderr
     with Project.open(proj) as p:
         cfg = p.model_runs("prelabel")[-1].config
         assert (cfg["scale"], cfg["tile"], cfg["blur_sigma"], cfg["refine_sigma"]) == (1.0, 256, 4.0, 1.0)
+        assert cfg["coarse_weight"] == 0.0
         assert all(i.anomaly_score is not None for i in p.images(role="label"))
 
 
