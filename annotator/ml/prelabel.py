@@ -83,6 +83,9 @@ class PrelabelConfig:
     # new good images called defective, none without it). () or weight 0 = off.
     coarse_layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     coarse_weight: float = 0.5
+    # px between the coarse memory's patches; 0 = its finest layer's stride (8). 16 (4x fewer patches to search)
+    # lost on the photographs above: image AUROC 0.978 / 0.665 / 0.828 instead of 0.975 / 0.700 / 0.887
+    coarse_grid_stride: int = 0
     # --- geometry
     tile: int = 512  # window of the scaled image (px after scale); a 256x256 image magnified 2x is one tile
     tile_overlap: int = 32  # px shared by neighbouring tiles; their maps are blended with ramps
@@ -533,7 +536,7 @@ class Prelabeller:
         self.coarse_embedder = None
         if "bank_coarse" in self.state:
             self.coarse_embedder = coarse_embedder or PatchEmbedder(config.coarse_layers, config.backbone_weights,
-                                                                    self.device, 0, config.pool)
+                                                                    self.device, config.coarse_grid_stride, config.pool)
 
     # ---- scoring
     def _patch_scores(self, emb: torch.Tensor, bank: str = "bank") -> torch.Tensor:
@@ -945,7 +948,8 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
             n_collected = int(feats.shape[0])
             del feats
             if use_coarse:
-                coarse_embedder = PatchEmbedder(cfg.coarse_layers, cfg.backbone_weights, device, 0, cfg.pool)
+                coarse_embedder = PatchEmbedder(cfg.coarse_layers, cfg.backbone_weights, device,
+                                                cfg.coarse_grid_stride, cfg.pool)
                 per_tile_c = _patches_per_tile(coarse_embedder, cfg, n_fit_tiles)
                 feats = _collect(coarse_embedder, fit_imgs, cfg, per_tile_c, rng,
                                  step("features of good images (coarse)"), cancel)
@@ -984,11 +988,12 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
             model.coarse_gain = float(cfg.coarse_weight * q_fine / max(float(q_coarse), 1e-12))
         hold_maps: list = []
         hold_fine: list = []
-        for fine_sum, coarse_sum, out_hw, k_sum in summed:
+        for i in range(len(summed)):  # each raw map is let go as soon as it is blurred (large scans)
+            fine_sum, coarse_sum, out_hw, k_sum = summed[i]
+            summed[i] = None
             m, fine = model._finish_map(model._fuse(fine_sum, coarse_sum), out_hw, k_sum, fine_src=fine_sum)
             hold_maps.append(m)
             hold_fine.append(fine)
-        del summed
         if cfg.border_px > 0:
             model.border = {"coarse": border_profile(hold_maps, cfg.border_px)}
             hold_maps = [apply_border_profile(m, model.border["coarse"]) for m in hold_maps]
@@ -998,7 +1003,8 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
         thresholds, calib = calibrate(hold_maps, hold_fine if cfg.refine else None, cfg)
         model.thresholds = thresholds
         # 3. optionally extend the bank with the holdout patches (a superset bank: every
-        #    score can only go down, so the thresholds stay valid upper bounds)
+        #    score can only go down, so the thresholds stay valid upper bounds). Only the fine
+        #    memory's bank grows; the coarse one's term is unchanged, so the bound holds for the sum.
         n_bank_fit = int(state["bank"].shape[0]) if "bank" in state else 0
         if cfg.refit_with_holdout and cfg.method == "patchcore":
             extra = _collect(embedder, hold_imgs, cfg, per_tile, rng, step("adding held-out patches"), cancel)
