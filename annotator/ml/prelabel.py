@@ -106,6 +106,9 @@ class PrelabelConfig:
     # --- PatchCore memory bank (greedy k-center coreset)
     coreset_ratio: float = 0.1  # keep this share of the collected patches (PatchCore / anomalib default) ...
     coreset_max: int = 10_000  # ... but at most this many: NN search cost grows with the bank
+    # ... and at most this many in the coarse memory's bank. 4096 instead of 10 000 (its 10 %): image AUROC on the
+    # photographs 0.854 -> 0.853, twill 0.949 -> 0.945, knit 0.952 -> 0.960; fit 72 -> 55 s, 1.2 -> 1.7 images/s
+    coarse_coreset_max: int = 4096
     coreset_presample: int = 100_000  # random cap on the patches collected from the fit images
     coreset_proj_dim: int = 0  # >0: choose the coreset in a random projection of this width (0: full width)
     # --- PaDiM
@@ -953,7 +956,7 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
                 per_tile_c = _patches_per_tile(coarse_embedder, cfg, n_fit_tiles)
                 feats = _collect(coarse_embedder, fit_imgs, cfg, per_tile_c, rng,
                                  step("features of good images (coarse)"), cancel)
-                k_c = max(1, min(cfg.coreset_max, math.ceil(cfg.coreset_ratio * feats.shape[0])))
+                k_c = max(1, min(cfg.coarse_coreset_max, math.ceil(cfg.coreset_ratio * feats.shape[0])))
                 progress(done[0], total, f"choosing {k_c} of {feats.shape[0]} coarse patches (coreset)")
                 idx = greedy_coreset(feats, k_c, seed=cfg.seed, proj_dim=cfg.coreset_proj_dim, cancel=cancel)
                 state["bank_coarse"] = feats[idx].contiguous()

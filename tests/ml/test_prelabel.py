@@ -452,6 +452,8 @@ def test_coarse_memory_is_fitted_on_the_fit_part_only_and_needs_large_enough_ima
     fit_idx = m.metrics["fit_indices"]
     assert seen == [(COARSE.layers, fit_idx), (COARSE.coarse_layers, fit_idx)]
     assert m.coarse_embedder is not None and m.metrics["coarse_bank_size"] > 0
+    capped = P.fit_prelabeller(coarse_goods, dataclasses.replace(COARSE, coarse_coreset_max=100))
+    assert capped.metrics["coarse_bank_size"] == 100 and capped.metrics["bank_size"] == m.metrics["bank_size"]
     # 96-px images (192 px magnified) are too small: the same settings fit the fine memory only
     small = P.fit_prelabeller(goods, COARSE)
     assert small.coarse_embedder is None and "bank_coarse" not in small.state and small.coarse_gain == 0
