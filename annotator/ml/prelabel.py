@@ -75,16 +75,18 @@ class PrelabelConfig:
     # channels) with their own bank. Its map is scaled to the fine map's units on the held-out good images (equal
     # 0.999 quantiles), times coarse_weight, and added; the thresholds are calibrated on the sum, the mask's fine
     # map stays the fine memory's. The fine stages see threads, knots and thin lines; the deep ones see what
-    # natural textures vary in. Image AUROC, max of the summed map (docs/benchmarks.md): scikit-image brick /
-    # grass / gravel photographs (128-px crops, 100 good, 40 defects each from another generator) 0.963 / 0.632 /
-    # 0.762 fine only -> 0.975 / 0.705 / 0.882 at weight 0.5 (0.980 / 0.720 / 0.887 at 1.0); the 5 demo fabrics
-    # 0.952 -> 0.956 (0.947 at 1.0: knit and rib lose). Used only where the model's images and tiles are at least
+    # natural textures vary in. Image AUROC (docs/benchmarks.md): scikit-image brick / grass / gravel photographs
+    # (128-px crops, 100 good, 40 defects each from another generator) 0.963 / 0.632 / 0.762 fine only -> 0.973 /
+    # 0.728 / 0.860; the 5 demo fabrics 0.952 -> 0.954. The weight was chosen on the two memories' maps fitted
+    # apart: weight 0.5 / 1 / 2 gave photographs 0.854 / 0.862 / 0.869, demo 0.956 / 0.947 / 0.932 (knit and rib
+    # lose as the deep stages weigh more). Used only where the model's images and tiles are at least
     # COARSE_MIN_PX (after scale): on smaller ones blocks.4 sees mostly padding (96-px images, 12 good: 3 of 8
     # new good images called defective, none without it). () or weight 0 = off.
     coarse_layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     coarse_weight: float = 0.5
     # px between the coarse memory's patches; 0 = its finest layer's stride (8). 16 (4x fewer patches to search)
-    # lost on the photographs above: image AUROC 0.978 / 0.665 / 0.828 instead of 0.975 / 0.700 / 0.887
+    # lost on the photographs above: image AUROC 0.978 / 0.665 / 0.828 instead of 0.975 / 0.700 / 0.887 (both
+    # with a 10 000-patch coarse bank)
     coarse_grid_stride: int = 0
     # --- geometry
     tile: int = 512  # window of the scaled image (px after scale); a 256x256 image magnified 2x is one tile
