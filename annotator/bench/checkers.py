@@ -139,10 +139,10 @@ def format_report(r: dict) -> str:
     lines = [f"checkers benchmark: {r['images']} images ({r.get('data_root') or ', '.join(r['styles'])}), "
              f"{r['error_rate']:.0%} with an"
              f" injected error, {r['folds']} checkers ({r['scheme']}), {r['seconds_train_and_score']} s",
-             f"{'variant':<16} {'precision':>9} {'recall':>7} {'flagged':>8}  recall by kind"]
+             f"{'variant':<24} {'precision':>9} {'recall':>7} {'flagged':>8}  recall by kind"]
     for v, s in r["overall"].items():
         kinds = " ".join(f"{k}={x}" for k, x in s["recall_by_kind"].items())
-        lines.append(f"{v:<16} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
+        lines.append(f"{v:<24} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
     if r.get("skipped"):
         lines.append(f"skipped {len(r['skipped'])}: " + "; ".join(
             f"{k} ({why})" for k, why in list(r["skipped"].items())[:5]) + (" …" if len(r["skipped"]) > 5 else ""))
