@@ -101,7 +101,8 @@ def cmd_prelabel(a) -> int:
     with _open(a.project) as p:
         try:
             # window and blurs follow the magnification
-            cfg = config_for_scale(a.scale, method=a.method, coarse_weight=a.coarse_weight)
+            extra = {} if a.coarse_weight is None else {"coarse_weight": a.coarse_weight}
+            cfg = config_for_scale(a.scale, method=a.method, **extra)
             summary = prelabel_project(p, cfg, on_progress=bar)
         finally:
             bar.close()
@@ -216,24 +217,22 @@ def cmd_bench(a) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"weight must be a number in [0, 10], got {text!r}")
-    return value
+def _number(name: str, lo: float, hi: float, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in [lo, hi] (or (lo, hi] with ``lo_open``), else one clear line."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text!r}")
+        return value
+    return parse
 
 
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 4:
-        raise argparse.ArgumentTypeError(f"scale must be a number in (0, 4], got {text!r}")
-    return value
+_scale = _number("scale", 0, 4, lo_open=True)
+_weight = _number("weight", 0, 10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("patchcore", "padim"), default="patchcore")
     p.add_argument("--scale", type=_scale, default=2.0,
                    help="magnification before the backbone (default 2: small defects; 1: about 4x faster)")
-    p.add_argument("--coarse-weight", type=_weight, default=0.5, metavar="W",
+    p.add_argument("--coarse-weight", type=_weight, default=None, metavar="W",
                    help="weight of the coarse memory (deep features: natural textures) added to the fine one "
                         "(threads, knots, thin lines); 0 = fine only (default 0.5)")
     p.add_argument("--quiet", action="store_true")
