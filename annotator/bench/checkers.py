@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from annotator.bench.data import categories, load_category
+from annotator.bench.data import categories, load_category, skipped_line
 from annotator.core import masks as M
 from annotator.core.demo_fabric import write_demo_mvtec
 from annotator.core.flags import FlagRules, iou_flag, probability_flag
@@ -144,8 +144,7 @@ def format_report(r: dict) -> str:
         kinds = " ".join(f"{k}={x}" for k, x in s["recall_by_kind"].items())
         lines.append(f"{v:<24} {str(s['precision']):>9} {str(s['recall']):>7} {s['flagged']:>8}  {kinds}")
     if r.get("skipped"):
-        lines.append(f"skipped {len(r['skipped'])}: " + "; ".join(
-            f"{k} ({why})" for k, why in list(r["skipped"].items())[:5]) + (" …" if len(r["skipped"]) > 5 else ""))
+        lines.append(skipped_line(r["skipped"]))
     default = r["overall"].get("iou_tol1")
     if default:
         fa = ", ".join(f"{k} {n}" for k, n in default["false_alarms_by_image_kind"].items())

@@ -35,6 +35,13 @@ class Category:
         return {rel: mask for _, rel, _, mask in self.test}
 
 
+def skipped_line(skipped: dict[str, str], shown: int = 5) -> str:
+    """``skipped N: path (reason); …`` for a report: the first ``shown`` of them."""
+    items = list(skipped.items())
+    more = " …" if len(items) > shown else ""
+    return f"skipped {len(items)}: " + "; ".join(f"{k} ({why})" for k, why in items[:shown]) + more
+
+
 def categories(root: os.PathLike) -> dict[str, Path]:
     """``{name: folder}``: ``root`` itself if it is a category, else its sub-folders that are.
 

@@ -66,7 +66,7 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
                 raise ValueError(f"the loop benchmark runs on one category; {data_root} holds {len(cats)}: "
                                  f"{', '.join(cats)}")
             (style, data), = cats.items()
-            by_path = load_category(data).truth_by_path()
+            by_path = load_category(data, max_good=0, need_good=False).truth_by_path()  # model 1 reads train/good
         with Project.create(Path(tmp) / "project") as project:
             project_io.import_mvtec(project, data)
             if data_root is None:

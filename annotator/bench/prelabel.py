@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from annotator.bench.data import categories, load_category
+from annotator.bench.data import categories, load_category, skipped_line
 from annotator.core.demo_fabric import DEFECT_KINDS, STYLES, write_demo_mvtec
 from annotator.core.masks import iou
 
@@ -316,8 +316,7 @@ def format_report(r: dict) -> str:
         if ds.get("ours_vs_anomalib"):
             lines.append(f"{'':<14} ours / anomalib: " + ", ".join(f"{k} {x}" for k, x in ds["ours_vs_anomalib"].items()))
         if ds.get("skipped"):
-            lines.append(f"{'':<14} skipped {len(ds['skipped'])}: " + "; ".join(
-                f"{k} ({why})" for k, why in list(ds["skipped"].items())[:5]) + (" …" if len(ds["skipped"]) > 5 else ""))
+            lines.append(f"{'':<14} " + skipped_line(ds["skipped"]))
     for side, v in r["summary"].items():
         if side != "ours_vs_anomalib" and len(r["datasets"]) > 1:
             lines.append(row("mean", side, v))
