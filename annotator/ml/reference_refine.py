@@ -41,7 +41,7 @@ stricter acceptance (contrast 1.5-2, coverage of the step 50-90 %).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -124,41 +124,64 @@ def _residual(tpl: np.ndarray, pieces: list[np.ndarray], ring: np.ndarray) -> np
     return cv2.GaussianBlur(res.astype(np.float32), (0, 0), RESIDUAL_SIGMA)
 
 
-def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, others: np.ndarray,
-                   refs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
-    """New mask of one region (same size as the inputs), or None where the evidence is too weak."""
+def window_residual(image: np.ndarray, grey: np.ndarray, box: tuple[int, int, int, int], ring: np.ndarray,
+                    refs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, float] | None:
+    """Residual of the window ``image[y0:y1, x0:x1]`` (``box``) against its best matched pieces of good
+    fabric (the image within ``SEARCH`` px, never over the window itself, and the ``refs``), and the
+    ring's level (its ``RING_QUANTILE``); None when nothing could be matched. ``ring`` (bool, window
+    size) is the fabric known to be good, on which the pieces are matched and fitted."""
+    h, w = grey.shape
+    cy0, cy1, cx0, cx1 = box
+    tpl = image[cy0:cy1, cx0:cx1]
+    th, tw = tpl.shape[:2]
+    sy0, sy1, sx0, sx1 = max(0, cy0 - SEARCH), min(h, cy1 + SEARCH), max(0, cx0 - SEARCH), min(w, cx1 + SEARCH)
+    # placements in the search area that overlap the window itself are forbidden
+    forbid = (cy0 - sy0 - th + 1, cy1 - sy0, cx0 - sx0 - tw + 1, cx1 - sx0)
+    colour = [image[sy0:sy1, sx0:sx1]] + [c for c, _ in refs]
+    sources = [(grey[sy0:sy1, sx0:sx1], forbid)] + [(g, None) for _, g in refs]
+    best = _best_matches(sources, grey[cy0:cy1, cx0:cx1], ring.astype(np.uint8))
+    if not best:
+        return None
+    pieces = [colour[si][y:y + th, x:x + tw] for _, si, y, x in best]
+    res = _residual(tpl, pieces, ring)
+    return res, float(np.quantile(res[ring], RING_QUANTILE))
+
+
+def region_windows(region: np.ndarray, others: np.ndarray
+                   ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]]:
+    """The windows along a region (at most ``WINDOW`` px of it each, ``PAD`` px of fabric around):
+    (box y0, y1, x0, x1; ring: the box's fabric away from this and ``others`` regions; zone: the box's
+    part of the region, dilated by ``EXCLUDE``). Windows with no zone or little ring are left out;
+    nothing at all when the region needs more than ``MAX_WINDOWS`` (cost)."""
     h, w = region.shape
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     wins = [(a, b, c, d) for a, b in spans(y0, y1, WINDOW) for c, d in spans(x0, x1, WINDOW)]
     if len(wins) > MAX_WINDOWS:
-        return None
+        return
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * EXCLUDE + 1,) * 2)
     zone_all = cv2.dilate(region.astype(np.uint8), k).astype(bool)
     not_ring = cv2.dilate((zone_all | others).astype(np.uint8), k).astype(bool)
-    out = np.zeros(region.shape, bool)
-    contrasts, any_window = [], False
     for wy0, wy1, wx0, wx1 in wins:
         cy0, cy1, cx0, cx1 = max(0, wy0 - PAD), min(h, wy1 + PAD), max(0, wx0 - PAD), min(w, wx1 + PAD)
-        tpl = image[cy0:cy1, cx0:cx1]
         ring = ~not_ring[cy0:cy1, cx0:cx1]
         zone = np.zeros(ring.shape, bool)
         zone[wy0 - cy0:wy1 - cy0, wx0 - cx0:wx1 - cx0] = True
         zone &= zone_all[cy0:cy1, cx0:cx1]
-        if not zone.any() or ring.sum() < 0.25 * ring.size:
+        if zone.any() and ring.sum() >= 0.25 * ring.size:
+            yield (cy0, cy1, cx0, cx1), ring, zone
+
+
+def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, others: np.ndarray,
+                   refs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """New mask of one region (same size as the inputs), or None where the evidence is too weak."""
+    out = np.zeros(region.shape, bool)
+    contrasts, any_window = [], False
+    for (cy0, cy1, cx0, cx1), ring, zone in region_windows(region, others):
+        found = window_residual(image, grey, (cy0, cy1, cx0, cx1), ring, refs)
+        if found is None:
             continue
-        th, tw = tpl.shape[:2]
-        sy0, sy1, sx0, sx1 = max(0, cy0 - SEARCH), min(h, cy1 + SEARCH), max(0, cx0 - SEARCH), min(w, cx1 + SEARCH)
-        # placements in the search area that overlap the window itself are forbidden
-        forbid = (cy0 - sy0 - th + 1, cy1 - sy0, cx0 - sx0 - tw + 1, cx1 - sx0)
-        colour = [image[sy0:sy1, sx0:sx1]] + [c for c, _ in refs]
-        sources = [(grey[sy0:sy1, sx0:sx1], forbid)] + [(g, None) for _, g in refs]
-        best = _best_matches(sources, grey[cy0:cy1, cx0:cx1], ring.astype(np.uint8))
-        if not best:
-            continue
-        pieces = [colour[si][y:y + th, x:x + tw] for _, si, y, x in best]
-        res = _residual(tpl, pieces, ring)
-        level = float(np.quantile(res[ring], RING_QUANTILE))
+        res, level = found
         high = res > level
         sel = zone & high
         if sel.any():
@@ -184,19 +207,28 @@ def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, othe
 def refine_with_reference(image: np.ndarray, mask: np.ndarray, references: np.ndarray | None = None) -> np.ndarray:
     """Refine every 8-connected region of ``mask`` (bool, image size) on ``image`` (HxWx3 uint8),
     matching against the image itself and the good ``references`` (n, h, w, 3)."""
+    out = np.zeros(mask.shape, bool)
+    for box, img, region, others, refs in regions_in_boxes(image, mask, references):
+        new = _refine_region(img, _grey(img), region, others, refs)
+        out[box] |= region if new is None else new
+    return out
+
+
+def regions_in_boxes(image: np.ndarray, mask: np.ndarray, references: np.ndarray | None
+                     ) -> Iterator[tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray, list]]:
+    """Each 8-connected region of ``mask`` with what a refinement of it reads: (box: slices of the
+    image, the box's image as float32, the region and the other regions in the box, the reference
+    crops as (colour, grey) float32 pairs). The box is the region grown by the refinement's reach."""
     if not mask.any():
-        return mask
+        return
     refs = [(r, _grey(r)) for r in (x.astype(np.float32) for x in (references if references is not None else []))]
     n, cc, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    out = np.zeros(mask.shape, bool)
     for r in range(1, n):
         x, y, bw, bh = (int(v) for v in stats[r, :4])
         box = _around(y, y + bh, x, x + bw, mask.shape)
         img = image[box].astype(np.float32)  # per box: a 12000 x 9000 image would be 1.3 GB as float
         region = cc[box] == r
-        new = _refine_region(img, _grey(img), region, mask[box] & ~region, refs)
-        out[box] |= region if new is None else new
-    return out
+        yield box, img, region, mask[box] & ~region, refs
 
 
 def _around(y0: int, y1: int, x0: int, x1: int, shape: tuple[int, ...]) -> tuple[slice, slice]:
