@@ -179,7 +179,7 @@ class PrelabelConfig:
     # Before all that, thin straight lines (elongated regions of the map's mask whose residual to matched good
     # fabric has a thin straight ridge) are drawn along their whole length (annotator.ml.line_trace): the
     # per-pixel refinements above cut a faint line into pieces. Pre-labels a reviewer can keep, 5 demo fabrics,
-    # seed 0, 60 good images, 42 defective each: 102 -> 125 of 210 (lines 30 -> 53 of 90); compact kinds unchanged.
+    # seed 0, 60 good images, 42 defective each: 102 -> 129 of 210 (lines 30 -> 57 of 90); compact kinds unchanged.
     trace_lines: bool = True
     min_region_area: int = 16  # px; smaller mask regions are dropped
     # A region of the final mask is kept only where the map reaches this multiple of the image threshold on it

@@ -81,3 +81,23 @@ def test_regions_without_a_thin_straight_line_are_left_alone(fabric, refs):
     lines, traced = L.trace_lines(img, mask, refs)
     assert not lines.any() and not traced.any()
     assert not L.trace_lines(img, np.zeros_like(mask), refs)[0].any()
+
+
+def test_pieces_of_one_line_are_joined_and_drawn_as_one(fabric, refs):
+    truth = polyline([(30, 120), (226, 126)], 2)
+    img = darken(fabric[0], truth, 0.7)
+    pieces = polyline([(34, 120), (90, 122)], 12) | polyline([(115, 122), (150, 123)], 10) \
+        | polyline([(175, 124), (222, 126)], 12)  # the map broke the line into three pieces
+    blob = np.zeros_like(pieces)
+    cv2.circle(blob.view(np.uint8), (130, 170), 8, 1, -1)  # off the axis: not part of the line
+    chained = L.chain_collinear(pieces | blob)
+    bridges = chained & ~(pieces | blob)
+    near_line = cv2.dilate(truth.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    assert bridges.any() and not (bridges & ~near_line).any(), "bridges lie on the line"
+    n_before = cv2.connectedComponents((pieces | blob).astype(np.uint8))[0] - 1
+    n_after = cv2.connectedComponents(chained.astype(np.uint8))[0] - 1
+    assert (n_before, n_after) == (4, 2)
+    lines, traced = L.trace_lines(img, pieces | blob, refs)
+    assert np.array_equal(traced, pieces)  # the blob is left to the other refinements
+    assert M.tolerant_iou(lines, truth, 1) >= 0.8
+    assert lines[:, 95:110].any() and lines[:, 155:170].any(), "the gaps are drawn"
