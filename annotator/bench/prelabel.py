@@ -8,6 +8,9 @@ the good training images, and reports per data set:
 * mean IoU of the thresholded masks on the defective test images (an image judged good
   has an empty mask, IoU 0), recall per defect kind,
 * the share of good test images that got a non-empty mask (false alarms),
+* "kept": the share of defective test images whose mask a reviewer can keep as it is (tolerant
+  IoU to the truth at or above the checkers' threshold: the simulated reviewer's rule), the
+  work model 1 saves,
 * fit time (s) and prediction speed (images/s),
 
 and the same numbers for anomalib's ``PatchcoreModel`` on the same data and backbone
@@ -43,6 +46,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from annotator.bench.data import categories, load_category, skipped_line
+from annotator.bench.reviewer import label_is_right
 from annotator.core.demo_fabric import DEFECT_KINDS, STYLES, write_demo_mvtec
 from annotator.core.masks import iou
 
@@ -67,10 +71,13 @@ def score_maps(test: Sequence[tuple[str, np.ndarray, np.ndarray]], scores: Seque
         out["mean_iou"] = round(float(np.mean(ious)), 4) if ious else float("nan")
         out["good_with_mask"] = round(float(np.mean([p.any() for p, (k, _, _) in zip(masks, test) if k == "good"])), 4)
         out["recall"] = round(float(flags[bad].mean()), 4) if bad.any() else float("nan")
+        right = [label_is_right(pred, gt) for pred, (kind, _, gt) in zip(masks, test) if kind != "good"]
+        out["kept"] = round(float(np.mean(right)), 4) if right else float("nan")
         kinds = sorted({k for k, _, _ in test} - {"good"})
         out["per_kind"] = {
             k: {"recall": round(float(np.mean([f for f, (kk, _, _) in zip(flags, test) if kk == k])), 3),
-                "mean_iou": round(float(np.mean([iou(p, g) for p, (kk, _, g) in zip(masks, test) if kk == k])), 3)}
+                "mean_iou": round(float(np.mean([iou(p, g) for p, (kk, _, g) in zip(masks, test) if kk == k])), 3),
+                "kept": round(float(np.mean([label_is_right(p, g) for p, (kk, _, g) in zip(masks, test) if kk == k])), 3)}
             for k in kinds}
     return out
 
@@ -268,7 +275,7 @@ def run(data_root: Optional[os.PathLike] = None, *, n_good: int = 200, size: int
 
 
 def _short(d: dict) -> dict:
-    keys = ("image_auroc", "pixel_auroc", "mean_iou", "good_with_mask", "recall", "fit_seconds", "images_per_s")
+    keys = ("image_auroc", "pixel_auroc", "mean_iou", "kept", "good_with_mask", "recall", "fit_seconds", "images_per_s")
     return {side: {k: v[k] for k in keys if k in v} for side, v in d.items() if _is_side(side, v)}
 
 
@@ -282,7 +289,8 @@ def _summary(datasets: dict) -> dict:
     for s in sides:
         rows = [d[s] for d in datasets.values() if s in d]
         out[s] = {k: round(float(np.mean([r[k] for r in rows])), 4)
-                  for k in ("image_auroc", "pixel_auroc", "mean_iou", "good_with_mask", "fit_seconds", "images_per_s")
+                  for k in ("image_auroc", "pixel_auroc", "mean_iou", "kept", "good_with_mask", "fit_seconds",
+                            "images_per_s")
                   if all(k in r for r in rows)}
         out[s]["min_image_auroc"] = round(float(min(r["image_auroc"] for r in rows)), 4)
         out[s]["min_pixel_auroc"] = round(float(min(r["pixel_auroc"] for r in rows)), 4)
@@ -298,7 +306,7 @@ def format_report(r: dict) -> str:
     """The report as a table: one row per data set and side (ours, anomalib, variants), then the means."""
     src = r.get("data_root") or f"demo fabric, seed {r['seed']}, {r['size']} px"
     lines = [f"pre-labeller benchmark on {src}: {r['seconds']} s",
-             f"{'data set':<14} {'side':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'mean IoU':>8} "
+             f"{'data set':<14} {'side':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'mean IoU':>8} {'kept':>5} "
              f"{'good w/ mask':>12} {'recall':>6} {'fit s':>7} {'img/s':>6}"]
 
     def row(name: str, side: str, v: dict) -> str:
@@ -306,6 +314,7 @@ def format_report(r: dict) -> str:
             x = v.get(key)
             return "-" if x is None or x != x else fmt.format(x)
         return (f"{name:<14} {side:<16} {f('image_auroc'):>11} {f('pixel_auroc'):>11} {f('mean_iou'):>8} "
+                f"{f('kept', '{:.0%}'):>5} "
                 f"{f('good_with_mask', '{:.0%}'):>12} {f('recall', '{:.2f}'):>6} {f('fit_seconds', '{:.1f}'):>7} "
                 f"{f('images_per_s', '{:.1f}'):>6}")
 

@@ -127,3 +127,20 @@ def test_prelabel_summary_averages_the_ratios_every_data_set_has():
     summary = bench_prelabel._summary(datasets)
     assert summary["ours_vs_anomalib"] == {"image_auroc": 1.0}
     assert summary["ours"]["image_auroc"] == 0.9
+
+
+def test_prelabel_benchmark_counts_the_masks_a_reviewer_can_keep():
+    truth = np.zeros((32, 32), bool)
+    truth[10:20, 10:20] = True
+    shifted = np.roll(truth, 1, axis=1)  # 1 px off: within the reviewer's tolerance
+    half = truth.copy()
+    half[15:] = False  # half the defect: redrawn
+    good = np.zeros_like(truth)
+    test = [("hole", None, truth), ("hole", None, truth), ("stain", None, truth), ("good", None, good)]
+    masks = [shifted, half, truth, good]
+    maps = [m.astype(np.float32) for m in masks]
+    out = bench_prelabel.score_maps(test, [1.0, 1.0, 1.0, 0.0], maps, masks, [True, True, True, False])
+    assert out["kept"] == pytest.approx(2 / 3, abs=1e-4)
+    assert out["per_kind"]["hole"]["kept"] == 0.5 and out["per_kind"]["stain"]["kept"] == 1.0
+    summary = bench_prelabel._summary({"a": {"ours": out}, "b": {"ours": {**out, "kept": 0.0}}})
+    assert summary["ours"]["kept"] == pytest.approx(1 / 3, abs=1e-4)
