@@ -100,6 +100,11 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
                 if not flagged:
                     break
             finished = review.loop_finished()
+            labels = {i: project.current_label(i).mask for i in truth}
+            paths = {img.id: img.rel_path for img in project.images(role="label")}
+            # the label errors the flow left: where, and which of the reviewer's kinds each is
+            left = [{"path": paths[i], "kind": reviewer.errors_made.get(i, "other")}
+                    for i in label_quality(labels, truth)["wrong_ids"]]
     scratch = from_scratch(truth, error_rate, seed)
     no_checkers = rounds[0]
     final = rounds[-1]
@@ -112,7 +117,8 @@ def run(quick: bool = False, style: str = "twill", n_train_good: int = 60, n_tes
         "from_scratch": scratch,
         "prelabel_precheck_no_checkers": {"edited": no_checkers["edited"], "mean_iou": no_checkers["mean_iou"],
                                           "label_errors": no_checkers["label_errors"]},
-        "full_flow": {"edited": edits, "mean_iou": final["mean_iou"], "label_errors": final["label_errors"]},
+        "full_flow": {"edited": edits, "mean_iou": final["mean_iou"], "label_errors": final["label_errors"],
+                      "errors_left": sorted(left, key=lambda e: e["path"])},
         "edit_ratio_vs_scratch": round(edits / max(1, scratch["edited"]), 3),
         "errors_left_ratio_vs_no_checkers": round(final["label_errors"] / max(1, no_checkers["label_errors"]), 3),
         "seconds": round(time.perf_counter() - started, 1),
@@ -131,6 +137,8 @@ def format_report(r: dict) -> str:
     lines += [f"from scratch:              edited {s['edited']:>4}, mean IoU {s['mean_iou']}, errors {s['label_errors']}",
               f"pre-labels, no checkers:   edited {n['edited']:>4}, mean IoU {n['mean_iou']}, errors {n['label_errors']}",
               f"full flow:                 edited {f['edited']:>4}, mean IoU {f['mean_iou']}, errors {f['label_errors']}",
+              *([f"errors left: " + ", ".join(f"{e['path']} ({e['kind']})" for e in f["errors_left"])]
+                if f.get("errors_left") else []),
               f"edits vs scratch {r['edit_ratio_vs_scratch']:.2f} (target <= 0.40); errors left vs no checkers "
               f"{r['errors_left_ratio_vs_no_checkers']:.2f} (target <= 0.33); loop finished: {r['loop_finished']}"]
     return "\n".join(lines)

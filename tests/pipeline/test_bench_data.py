@@ -11,6 +11,7 @@ from annotator.bench import checkers as bench_checkers
 from annotator.bench import loop as bench_loop
 from annotator.bench import prelabel as bench_prelabel
 from annotator.bench.data import categories, load_category
+from annotator.core.label_noise import ERROR_KINDS
 from annotator.core.demo_fabric import write_demo_mvtec
 from annotator.ml.checkers import CheckerConfig
 from annotator.ml.prelabel import config_for_scale
@@ -94,10 +95,15 @@ def test_loop_benchmark_runs_on_one_category_and_refuses_several(tmp_path, categ
     shutil.copytree(category, clean)
     for name in ("007.png", "008.png", "009.png"):
         (clean / "test/stain" / name).unlink()
-    r = bench_loop.run(data_root=clean, max_rounds=1, folds=2, checker_config=FAST_CHECKER,
+    r = bench_loop.run(data_root=clean, max_rounds=1, folds=2, checker_config=FAST_CHECKER, error_rate=1.0,
                        prelabel_config=config_for_scale(1.0, reference_images=2))
     assert r["style"] == "clean" and r["images_to_label"] == 7 and r["defective"] == 4
     assert r["from_scratch"]["edited"] == 4 and len(r["rounds"]) == 2
+    # every redraw leaves an error (rate 1): the ones the flow left are named, with the reviewer's kind
+    left = r["full_flow"]["errors_left"]
+    assert len(left) == r["full_flow"]["label_errors"]
+    assert all(e["path"].startswith("test/") and e["kind"] in ERROR_KINDS for e in left)
+    assert ("errors left: " in bench_loop.format_report(r)) == bool(left)
     with pytest.raises(ValueError, match="without a readable ground-truth mask"):
         bench_loop.run(data_root=category, max_rounds=1, folds=2, checker_config=FAST_CHECKER)
     with pytest.raises(ValueError, match="one category"):
