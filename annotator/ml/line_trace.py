@@ -94,8 +94,7 @@ def chain_collinear(mask: np.ndarray) -> np.ndarray:
     n, cc, stats, cents = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if n < 3:
         return mask
-    out = mask.copy()
-    bridges = out.view(np.uint8)
+    bridges = np.zeros(mask.shape, np.uint8)
     for r in range(1, n):
         x, y, w, h = (int(v) for v in stats[r, :4])
         ys, xs = np.nonzero(cc[y:y + h, x:x + w] == r)
@@ -125,7 +124,7 @@ def chain_collinear(mask: np.ndarray) -> np.ndarray:
             p0 = (int(round(cx + a * d[0])), int(round(cy + a * d[1])))
             p1 = (int(round(cx + b * d[0])), int(round(cy + b * d[1])))
             cv2.line(bridges, p0, p1, 1, 3)
-    return out
+    return mask | bridges.astype(bool)
 
 
 def residual_map(image: np.ndarray, region: np.ndarray, others: np.ndarray, refs: list) -> np.ndarray:
