@@ -18,9 +18,10 @@ Mahalanobis distance.
    backbone's zero padding raises and spreads the scores; every map is standardised
    ring by ring to the interior's mean and sd before anything is thresholded.
 3. The map is blurred; image score = max of the map; mask = map above the pixel
-   threshold, refined with the less blurred map (thin lines get thinner masks), by
-   colour (GrabCut) and by the difference to a matched piece of good fabric
-   (:mod:`annotator.ml.reference_refine`), and cleaned; empty when the image is judged good.
+   threshold, its thin straight lines drawn along their length (:mod:`annotator.ml.line_trace`),
+   the other regions refined with the less blurred map, by colour (GrabCut) and by the
+   difference to a matched piece of good fabric (:mod:`annotator.ml.reference_refine`), and
+   cleaned; empty when the image is judged good.
 
 Used by the GUI / CLI through :func:`fit_prelabeller`, :meth:`Prelabeller.predict`,
 :meth:`Prelabeller.save` and :meth:`Prelabeller.load`.
@@ -695,9 +696,10 @@ class Prelabeller:
 
     def mask_from_map(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
                       image: Optional[np.ndarray] = None) -> np.ndarray:
-        """Map above the pixel threshold; refined with the fine map (and the image's colours); closed;
-        small regions dropped, and regions on which the map stays below the image threshold
-        (``region_min_peak``)."""
+        """Map above the pixel threshold; with the image, its thin straight lines traced along their
+        length; the other regions refined with the fine map (and with the image: its colours, matched
+        good fabric); closed; small regions dropped, and regions on which the map stays below the
+        image threshold (``region_min_peak``)."""
         cfg = self.config
         mask = m > self.thresholds["pixel"]
         img = _check_image(image) if image is not None else None
