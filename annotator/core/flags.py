@@ -18,7 +18,7 @@ Pure functions over numbers, masks and images: the CLI, GUI and benchmarks share
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Optional
 
 import numpy as np
@@ -186,7 +186,9 @@ def iou_flag(label: np.ndarray, pred: np.ndarray, rules: FlagRules = FlagRules()
         # predicted pixels just outside the label (a checker that draws a region fatter): kept only
         # where the image supports them
         rim = pred_c & ~M.dilate(label_c, tol) & M.dilate(label_c, rules.support_rim_px)
-        rim_kept, rim_pieces = supported_by_image(image, label | pred_c, rim, test=rules.support_test)
+        # (colour only: the gradient next to the label's own edge would support any rim)
+        rim_kept, rim_pieces = supported_by_image(image, label | pred_c, rim,
+                                                  test=replace(rules.support_test, texture=False))
         pred_c = M.remove_small_regions(pred_c & ~(rim & ~rim_kept), rules.min_pred_region_px)
         unmatched = label_c & ~M.dilate(pred_c, tol)
         if rules.support_band_px:

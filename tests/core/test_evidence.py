@@ -88,3 +88,22 @@ def test_a_long_line_is_tested_in_parts():
     supported, pieces = supported_by_image(img, line, line, test=SupportTest(max_piece=256))
     assert len(pieces) == 3 and sum(p.area for p in pieces) == line.sum()
     assert all(p.bbox[2] <= 256 for p in pieces) and supported[line].all()
+
+
+def test_a_patch_that_lost_the_texture_is_supported():
+    """A soft stain or a smear on a natural texture: the colour statistics compare it with places
+    whose brightness varies as much (large-scale shading), but its fine texture is flattened; the
+    gradient energy sees that (SupportTest.texture)."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    shade = cv2.GaussianBlur(rng.standard_normal((160, 160)), (0, 0), 10)
+    grey = 120 + 40 * shade / shade.std() + 25 * rng.standard_normal((160, 160))
+    patch = np.zeros(grey.shape, bool)
+    patch[60:80, 70:92] = True
+    local = cv2.GaussianBlur(grey, (0, 0), 6)
+    grey[patch] = 0.4 * grey[patch] + 0.6 * local[patch] + 30  # 60 % of the fine texture gone, a little brighter
+    img = np.clip(np.repeat(grey[..., None], 3, axis=2), 0, 255).astype(np.uint8)
+    with_texture = supported_by_image(img, patch, patch)[1][0]
+    colour_only = supported_by_image(img, patch, patch, test=SupportTest(texture=False))[1][0]
+    assert with_texture.supported and not colour_only.supported
