@@ -76,11 +76,15 @@ class PieceResult:
     p_value: float  # Bonferroni-corrected over the statistics; 1.0 when not testable
     placements: int
     supported: bool
+    gradient_log_ratio: float | None = None  # the texture statistic (SupportTest.texture), else None
 
     def to_dict(self) -> dict:
-        return {"area": self.area, "bbox": list(self.bbox), "mean_distance": round(self.mean_distance, 2),
-                "rms_ratio": round(self.rms_ratio, 3), "p": round(self.p_value, 4),
-                "placements": self.placements, "supported": self.supported}
+        out = {"area": self.area, "bbox": list(self.bbox), "mean_distance": round(self.mean_distance, 2),
+               "rms_ratio": round(self.rms_ratio, 3), "p": round(self.p_value, 4),
+               "placements": self.placements, "supported": self.supported}
+        if self.gradient_log_ratio is not None:
+            out["gradient_log_ratio"] = round(self.gradient_log_ratio, 3)
+        return out
 
 
 def _stats(pixels: np.ndarray, ring: np.ndarray, texture: bool = False) -> np.ndarray:
@@ -149,8 +153,9 @@ def _test_piece(img: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], piece: n
     k = 2 if t.texture else 1  # scalar statistics after the colour difference
     colour = slice(0, len(stat) - k)
     mean_d = float(np.linalg.norm(stat[colour]))
+    grad = float(stat[-1]) if t.texture else None
     if len(null) < t.min_placements:
-        return PieceResult(area, bbox, mean_d, float(stat[-k]), 1.0, len(null), False)
+        return PieceResult(area, bbox, mean_d, float(stat[-k]), 1.0, len(null), False, grad)
     arr = np.asarray(null)
     centre = arr.mean(0)
     # distances from the null's centre: a piece is unusual whichever way it departs from what
@@ -162,7 +167,7 @@ def _test_piece(img: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], piece: n
                                                                           for j in range(-k, 0)]
     p = [(1 + int((dn >= do).sum())) / (len(arr) + 1) for do, dn in zip(d_obs, d_null)]
     p_value = min(1.0, len(p) * min(p))
-    return PieceResult(area, bbox, mean_d, float(stat[-k]), p_value, len(arr), p_value <= t.alpha)
+    return PieceResult(area, bbox, mean_d, float(stat[-k]), p_value, len(arr), p_value <= t.alpha, grad)
 
 
 def supported_by_image(image: np.ndarray, label: np.ndarray, candidate: np.ndarray, avoid: np.ndarray | None = None,

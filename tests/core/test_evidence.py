@@ -107,3 +107,5 @@ def test_a_patch_that_lost_the_texture_is_supported():
     with_texture = supported_by_image(img, patch, patch)[1][0]
     colour_only = supported_by_image(img, patch, patch, test=SupportTest(texture=False))[1][0]
     assert with_texture.supported and not colour_only.supported
+    assert with_texture.to_dict()["gradient_log_ratio"] < -0.3  # its gradient energy is lower than its ring's
+    assert "gradient_log_ratio" not in colour_only.to_dict()
