@@ -37,7 +37,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from annotator.ml.reference_refine import _is_elongated, region_windows, regions_in_boxes, window_residual
+from annotator.ml.reference_refine import is_elongated, region_windows, regions_in_boxes, window_residual
 
 MIN_AREA = 16  # px: smaller regions are not traced
 ALONG_SIGMA = 3.0  # px: the residual is smoothed along the line before its centre is found
@@ -69,7 +69,7 @@ def trace_lines(image: np.ndarray, mask: np.ndarray, references: Optional[np.nda
     traced = np.zeros(mask.shape, bool)
     chained = chain_collinear(mask)
     for box, img, region, others, refs in regions_in_boxes(image, chained, references):
-        if region.sum() < MIN_AREA or not _is_elongated(region):
+        if region.sum() < MIN_AREA or not is_elongated(region):
             continue
         line = trace_line(img, region, others, refs)
         if line is not None:
@@ -98,7 +98,7 @@ def chain_collinear(mask: np.ndarray) -> np.ndarray:
     for r in range(1, n):
         x, y, w, h = (int(v) for v in stats[r, :4])
         ys, xs = np.nonzero(cc[y:y + h, x:x + w] == r)
-        if len(ys) < MIN_AREA or not _is_elongated(cc[y:y + h, x:x + w] == r):
+        if len(ys) < MIN_AREA or not is_elongated(cc[y:y + h, x:x + w] == r):
             continue
         cy, cx, d, nrm = _frame(ys + y, xs + x)
         u_r = (xs + x - cx) * d[0] + (ys + y - cy) * d[1]

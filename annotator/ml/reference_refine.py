@@ -81,7 +81,8 @@ def reference_crops(images: Sequence[np.ndarray], n: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out).astype(np.uint8))
 
 
-def _is_elongated(region: np.ndarray) -> bool:
+def is_elongated(region: np.ndarray) -> bool:
+    """A line rather than a blob: its minimum-area rectangle is ``LINE_ASPECT`` times longer than wide."""
     short, long_ = rect_sides(region)
     return long_ >= LINE_ASPECT * max(short, 1.0)
 
@@ -197,7 +198,7 @@ def _refine_region(image: np.ndarray, grey: np.ndarray, region: np.ndarray, othe
         any_window = True
     if not any_window:
         return None
-    line = _is_elongated(region)
+    line = is_elongated(region)
     if not line and (not contrasts or float(np.median(contrasts)) < MIN_CONTRAST):
         return None
     out = cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)).astype(bool)
