@@ -66,19 +66,23 @@ def score_maps(test: Sequence[tuple[str, np.ndarray, np.ndarray]], scores: Seque
                                    np.concatenate([np.asarray(a, np.float32).ravel() for a in maps])), 4),
     }
     if masks is not None:
-        ious = [iou(pred, gt) for pred, (kind, _, gt) in zip(masks, test) if kind != "good"]
+        # each defective image's IoU and whether a reviewer keeps its mask, computed once: overall and per kind
+        kind_of = [kind for kind, _, _ in test]
+        per_image = {i: (iou(pred, gt), label_is_right(pred, gt))
+                     for i, (pred, (kind, _, gt)) in enumerate(zip(masks, test)) if kind != "good"}
+        ious = [v[0] for v in per_image.values()]
+        right = [v[1] for v in per_image.values()]
         flags = np.asarray(is_defect, bool)
         out["mean_iou"] = round(float(np.mean(ious)), 4) if ious else float("nan")
-        out["good_with_mask"] = round(float(np.mean([p.any() for p, (k, _, _) in zip(masks, test) if k == "good"])), 4)
+        out["good_with_mask"] = round(float(np.mean([p.any() for p, k in zip(masks, kind_of) if k == "good"])), 4)
         out["recall"] = round(float(flags[bad].mean()), 4) if bad.any() else float("nan")
-        right = [label_is_right(pred, gt) for pred, (kind, _, gt) in zip(masks, test) if kind != "good"]
         out["kept"] = round(float(np.mean(right)), 4) if right else float("nan")
-        kinds = sorted({k for k, _, _ in test} - {"good"})
-        out["per_kind"] = {
-            k: {"recall": round(float(np.mean([f for f, (kk, _, _) in zip(flags, test) if kk == k])), 3),
-                "mean_iou": round(float(np.mean([iou(p, g) for p, (kk, _, g) in zip(masks, test) if kk == k])), 3),
-                "kept": round(float(np.mean([label_is_right(p, g) for p, (kk, _, g) in zip(masks, test) if kk == k])), 3)}
-            for k in kinds}
+        out["per_kind"] = {}
+        for k in sorted(set(kind_of) - {"good"}):
+            idx = [i for i, kk in enumerate(kind_of) if kk == k]
+            out["per_kind"][k] = {"recall": round(float(np.mean(flags[idx])), 3),
+                                  "mean_iou": round(float(np.mean([per_image[i][0] for i in idx])), 3),
+                                  "kept": round(float(np.mean([per_image[i][1] for i in idx])), 3)}
     return out
 
 
