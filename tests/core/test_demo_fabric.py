@@ -328,6 +328,47 @@ def test_visibility_floor_lifts_faint_defects_without_moving_the_mask(kind, styl
         assert v1 > v0  # a faint one got stronger
 
 
+def _stripes(h: int = 64, w: int = 64) -> np.ndarray:
+    """Fabric of 2-px dark gaps (luma 60) between 3-px bright yarns (luma 180), running down the image."""
+    img = np.full((h, w, 3), 180, np.uint8)
+    for x in range(0, w, 5):
+        img[:, x:x + 2] = 60
+    return img
+
+
+def test_line_visibility_is_its_shade_against_the_fabric_beside_it():
+    img = _stripes()
+    mask = np.zeros(img.shape[:2], bool)
+    mask[:, 20] = True  # a 1-px line down a dark gap
+    # beside it, 2-4 px away: one gap column and five yarn columns, mean luma 160
+    filled = np.full((int(mask.sum()), 3), 100.0, np.float32)  # the gap brightened to that ...
+    # ... changes it by 1.7 std of the image, and leaves it as bright as the fabric beside it
+    assert df._mean_change(img, filled) > 1.5
+    assert df.visibility(img, filled, mask, line=True) < 0.01
+    lit = np.full((int(mask.sum()), 3), 190.0, np.float32)  # 250: far above everything beside it
+    std = float((img.astype(np.float32) @ np.array([0.114, 0.587, 0.299], np.float32)).std())
+    assert df.visibility(img, lit, mask, line=True) == pytest.approx((250 - 160) / std, rel=1e-3)
+
+
+def test_a_line_lost_in_the_weave_is_lifted_until_it_stands_out():
+    img = _stripes()
+    mask = np.zeros(img.shape[:2], bool)
+    mask[:, 20] = True
+    change = np.full((int(mask.sum()), 3), 100.0, np.float32)
+    gain = df._line_gain(img, change, mask, 1.0)
+    assert gain > 1.0
+    shown = change * np.float32(gain)
+    assert df.visibility(img, shown, mask, line=True) == pytest.approx(1.0, abs=1e-3)
+    # a fold, lit on one side and shadowed on the other, is judged by its stronger side
+    fold = np.zeros(img.shape[:2], bool)
+    fold[:, 22:24] = True  # a bright yarn's 2 px: the left one lit, the right one shadowed
+    d = np.zeros((64, 2, 3), np.float32)
+    d[:, 0] = 70.0
+    d[:, 1] = -100.0
+    assert df.visibility(img, d.reshape(-1, 3), fold, line=True) > 0.0
+    assert df._line_gain(img, d.reshape(-1, 3), fold, 0.5) == 1.0
+
+
 def test_demo_tree_records_its_visibility_floor(tmp_path: Path):
     man = write_demo_mvtec(tmp_path / "a", n_train_good=1, n_test_good=0, n_per_defect=1, size=64, kinds=["stain"])
     assert man["min_visibility"] == df.VISIBILITY_FLOOR
