@@ -210,6 +210,30 @@ def test_cli_check_passes_the_checker_choice(monkeypatch, tmp_path):
     assert [r.unlabelled_check for r in rules] == [True, True, True, True, False]
 
 
+def test_cli_bench_scale_sets_model1s_magnification(monkeypatch, capsys):
+    import annotator.bench.loop as bench_loop
+    import annotator.bench.prelabel as bench_prelabel
+    from annotator import cli
+    from annotator.ml.prelabel import PrelabelConfig, config_for_scale
+
+    assert config_for_scale(2.0) == PrelabelConfig()  # the default is the 2x setting
+    seen = []
+    for module in (bench_prelabel, bench_loop):
+        monkeypatch.setattr(module, "run", lambda **kw: seen.append(kw) or {})
+    assert cli.main(["bench", "prelabel", "--scale", "1", "--seed", "3", "--json"]) == 0
+    assert cli.main(["bench", "loop", "--scale", "1", "--json"]) == 0
+    assert cli.main(["bench", "prelabel", "--json"]) == 0
+    assert seen[0]["config"] == config_for_scale(1.0, seed=3) and seen[0]["seed"] == 3
+    assert seen[0]["config"].tile == 256 and seen[0]["config"].blur_sigma == 4.0
+    assert seen[1]["prelabel_config"] == config_for_scale(1.0)
+    assert "config" not in seen[2]  # without --scale the benchmark keeps its own default
+    capsys.readouterr()
+    assert cli.main(["bench", "checkers", "--scale", "1"]) == 1
+    assert "--scale applies to the prelabel and loop" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "prelabel", "--scale", "0"])
+
+
 def test_cli_progress_keeps_one_bar_per_stretch_and_is_terse_off_a_terminal(capsys):
     from annotator.cli import _Bar
 
