@@ -1025,7 +1025,9 @@ def _line_shades(image: np.ndarray, change: np.ndarray, mask: np.ndarray
     m8 = mask.astype(np.uint8)
     near = cv2.dilate(m8, np.ones((2 * LINE_FLANK + 1,) * 2, np.uint8)) > 0
     flank = near & ~(cv2.dilate(m8, np.ones((3, 3), np.uint8)) > 0)
-    flank_mean = float(lum[flank].mean()) if flank.any() else float(lum[~mask].mean()) if (~mask).any() else 0.0
+    if not flank.any():  # nothing lies 2-4 px beside it (a tiny image): compare with the rest of the image
+        flank = ~mask
+    flank_mean = float(lum[flank].mean()) if flank.any() else 0.0
     before = lum[mask]
     d_lum = np.asarray(change, _F32) @ _LUMA
     groups = []

@@ -359,14 +359,20 @@ def test_a_line_lost_in_the_weave_is_lifted_until_it_stands_out():
     assert gain > 1.0
     shown = change * np.float32(gain)
     assert df.visibility(img, shown, mask, line=True) == pytest.approx(1.0, abs=1e-3)
-    # a fold, lit on one side and shadowed on the other, is judged by its stronger side
+    # a fold down the gap at x 20-21, lit on its left (60 -> 100) and shadowed on its right (60 -> 10); beside
+    # it (x 16-18, 23-25) the mean luma is 140: the lit side stands out by 40, the shadow by 130 (2.2 std)
     fold = np.zeros(img.shape[:2], bool)
-    fold[:, 22:24] = True  # a bright yarn's 2 px: the left one lit, the right one shadowed
+    fold[:, 20:22] = True
     d = np.zeros((64, 2, 3), np.float32)
-    d[:, 0] = 70.0
-    d[:, 1] = -100.0
-    assert df.visibility(img, d.reshape(-1, 3), fold, line=True) > 0.0
-    assert df._line_gain(img, d.reshape(-1, 3), fold, 0.5) == 1.0
+    d[:, 0] = 40.0
+    d[:, 1] = -50.0
+    d = d.reshape(-1, 3)
+    std = float((img.astype(np.float32) @ np.array([0.114, 0.587, 0.299], np.float32)).std())
+    groups, flank = df._line_shades(img, d, fold)
+    assert flank == pytest.approx(140.0) and len(groups) == 2
+    assert df._line_gain(img, d, fold, 1.0) == 1.0  # its stronger side is plain to see ...
+    # ... but its mean change (-5) is not: that measure lifts it, as before the shade was measured
+    assert df.visibility(img, d, fold, line=True) == pytest.approx(5.0 / std, rel=1e-3)
 
 
 def test_demo_tree_records_its_visibility_floor(tmp_path: Path):
