@@ -210,14 +210,14 @@ def supported_by_image(image: np.ndarray, label: np.ndarray, candidate: np.ndarr
                     continue
                 img = image[ys, xs].astype(np.float32)  # per window: the cost does not grow with the image
                 img = img[..., None] if img.ndim == 2 else img
+                grey = img.mean(-1)
                 if test.texture:
-                    grey = img.mean(-1)
                     grad = np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)) + np.abs(cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
                     img = np.concatenate([img, grad[..., None]], -1)
                 busy = M.dilate(busy_all[ys, xs], test.keep_out) if test.keep_out > 0 else busy_all[ys, xs]
                 key = (ys.start, ys.stop, xs.start, xs.stop)
                 if key not in shifts:
-                    shifts[key] = _shifts_by_autocorrelation(img[..., :-1].mean(-1) if test.texture else img.mean(-1))
+                    shifts[key] = _shifts_by_autocorrelation(grey)
                 res = _test_piece(img, shifts[key], piece, label[ys, xs], busy, test, (xs.start, ys.start))
                 results.append(res)
                 if res.supported:
