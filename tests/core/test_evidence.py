@@ -109,3 +109,22 @@ def test_a_patch_that_lost_the_texture_is_supported():
     assert with_texture.supported and not colour_only.supported
     assert with_texture.to_dict()["gradient_log_ratio"] < -0.3  # its gradient energy is lower than its ring's
     assert "gradient_log_ratio" not in colour_only.to_dict()
+
+
+def test_a_departure_too_small_to_see_does_not_support_a_piece():
+    """On noise-free stripes every placement in the weave's phase is the same, so any difference
+    at all lies beyond them all: 1 grey level, 1/20 of the ring's spread, is significant. Only
+    min_effect keeps it from supporting the piece; 10 grey levels do."""
+    xx = np.mgrid[:160, :160][1]
+    grey = 100.0 + 40.0 * (xx % 4 < 2)
+    patch = np.zeros(grey.shape, bool)
+    patch[60:90, 60:80] = True
+
+    def image(offset):
+        return np.repeat((grey + offset * patch)[..., None], 3, axis=2).astype(np.uint8)
+
+    significant = supported_by_image(image(1), patch, patch, test=SupportTest(min_effect=0.0))[1][0]
+    assert significant.supported and significant.p_value <= 0.03 and significant.placements >= 20
+    seen = supported_by_image(image(1), patch, patch)[1][0]
+    assert not seen.supported and seen.p_value == significant.p_value
+    assert supported_by_image(image(10), patch, patch)[1][0].supported
