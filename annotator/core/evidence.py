@@ -93,11 +93,14 @@ class PieceResult:
     placements: int
     supported: bool
     gradient_log_ratio: float | None = None  # the texture statistic (SupportTest.texture), else None
+    # the largest departure from the placements' average among the significant statistics, in the units of
+    # SupportTest.min_effect (0 when none is significant): why a piece with a small p may still be unsupported
+    effect: float = 0.0
 
     def to_dict(self) -> dict:
         out = {"area": self.area, "bbox": list(self.bbox), "mean_distance": round(self.mean_distance, 2),
                "rms_ratio": round(self.rms_ratio, 3), "p": round(self.p_value, 4),
-               "placements": self.placements, "supported": self.supported}
+               "placements": self.placements, "supported": self.supported, "effect": round(self.effect, 3)}
         if self.gradient_log_ratio is not None:
             out["gradient_log_ratio"] = round(self.gradient_log_ratio, 3)
         return out
@@ -187,8 +190,9 @@ def _test_piece(img: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], piece: n
     ring_px = img[ring][:, : len(stat) - k]
     spread = float(np.sqrt(((ring_px - ring_px.mean(0)) ** 2).sum(1).mean()))
     effects = [d_obs[0] / max(spread, 1e-6)] + d_obs[1:]
-    supported = any(len(p) * pj <= t.alpha and e >= t.min_effect for pj, e in zip(p, effects))
-    return PieceResult(area, bbox, mean_d, float(stat[-k]), p_value, len(arr), supported, grad)
+    effect = float(max((e for pj, e in zip(p, effects) if len(p) * pj <= t.alpha), default=0.0))
+    supported = p_value <= t.alpha and effect >= t.min_effect
+    return PieceResult(area, bbox, mean_d, float(stat[-k]), p_value, len(arr), supported, grad, effect)
 
 
 def supported_by_image(image: np.ndarray, label: np.ndarray, candidate: np.ndarray, avoid: np.ndarray | None = None,

@@ -127,4 +127,5 @@ def test_a_departure_too_small_to_see_does_not_support_a_piece():
     assert significant.supported and significant.p_value <= 0.03 and significant.placements >= 20
     seen = supported_by_image(image(1), patch, patch)[1][0]
     assert not seen.supported and seen.p_value == significant.p_value
+    assert 0 < seen.effect < SupportTest().min_effect and seen.to_dict()["effect"] == round(seen.effect, 3)
     assert supported_by_image(image(10), patch, patch)[1][0].supported
