@@ -106,6 +106,11 @@ class PieceResult:
         return out
 
 
+def _spread(colours: np.ndarray) -> float:
+    """RMS distance of ``colours`` (N x C) to their mean colour (at least 1e-6)."""
+    return max(float(np.sqrt(((colours - colours.mean(0)) ** 2).sum(1).mean())), 1e-6)
+
+
 def _stats(pixels: np.ndarray, ring: np.ndarray, texture: bool = False) -> np.ndarray:
     """(mean colour of the piece - mean colour of the ring, per channel ..., RMS distance of the
     piece's pixels to the ring's mean / the ring's own RMS spread[, log of the piece's mean
@@ -115,8 +120,7 @@ def _stats(pixels: np.ndarray, ring: np.ndarray, texture: bool = False) -> np.nd
         grad = float(np.log((pixels[:, -1].mean() + 1.0) / (ring[:, -1].mean() + 1.0)))
         pixels, ring = pixels[:, :-1], ring[:, :-1]
     centre = ring.mean(0)
-    spread = float(np.sqrt(((ring - centre) ** 2).sum(1).mean()))
-    rms = float(np.sqrt(((pixels - centre) ** 2).sum(1).mean())) / max(spread, 1e-6)
+    rms = float(np.sqrt(((pixels - centre) ** 2).sum(1).mean())) / _spread(ring)
     out = np.append(pixels.mean(0) - centre, rms)
     return np.append(out, grad) if texture else out
 
@@ -187,9 +191,7 @@ def _test_piece(img: np.ndarray, shifts: tuple[np.ndarray, np.ndarray], piece: n
     p = [(1 + int((dn >= do).sum())) / (len(arr) + 1) for do, dn in zip(d_obs, d_null)]
     p_value = min(1.0, len(p) * min(p))
     # effect sizes in the statistics' own units (the colour one over the ring's spread)
-    ring_px = img[ring][:, : len(stat) - k]
-    spread = float(np.sqrt(((ring_px - ring_px.mean(0)) ** 2).sum(1).mean()))
-    effects = [d_obs[0] / max(spread, 1e-6)] + d_obs[1:]
+    effects = [d_obs[0] / _spread(img[ring][:, : len(stat) - k])] + d_obs[1:]
     effect = float(max((e for pj, e in zip(p, effects) if len(p) * pj <= t.alpha), default=0.0))
     supported = p_value <= t.alpha and effect >= t.min_effect
     return PieceResult(area, bbox, mean_d, float(stat[-k]), p_value, len(arr), supported, grad, effect)
