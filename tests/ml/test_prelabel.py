@@ -422,6 +422,28 @@ def test_a_region_is_kept_only_where_the_map_reaches_the_image_threshold(model):
         P.PrelabelConfig(region_min_peak=-1)
 
 
+def test_a_defective_call_always_draws_the_region_around_the_map_peak(model):
+    """When the refinements and the gate leave nothing (here: the peak's region is smaller than
+    min_region_area), the image still gets the region above the pixel threshold around the peak."""
+    t_img, t_pix = model.thresholds["image"], model.thresholds["pixel"]
+    m = np.full((64, 96), 0.5 * t_pix, np.float32)
+    m[30:33, 40:43] = 0.5 * (t_pix + t_img)  # 9 px above the pixel threshold ...
+    m[31, 41] = 1.5 * t_img  # ... around a peak above the image threshold
+    m[5:15, 80:90] = 0.5 * (t_pix + t_img)  # elsewhere: above the pixel threshold only
+    cfg = dataclasses.replace(model.config, reference_refine=False, grabcut=False, refine=False,
+                              region_peak_fraction=0.0)
+    kw = dict(embedder=model.embedder, border={k: v for k, v in model.border.items()})
+    pre = P.Prelabeller(cfg, model.state, model.thresholds, **kw)
+    assert not pre.mask_from_map(m).any()  # 9 px < min_region_area
+    r = pre._result(m)
+    assert r.is_defect
+    expect = np.zeros(m.shape, bool)
+    expect[30:33, 40:43] = True
+    np.testing.assert_array_equal(r.mask, expect)
+    quiet = np.full((64, 96), 0.5 * t_pix, np.float32)
+    assert not pre._result(quiet).is_defect and not pre._result(quiet).mask.any()
+
+
 # 128-px images magnified 2x fill one 256-px tile: large enough for the coarse memory (COARSE_MIN_PX)
 COARSE = dataclasses.replace(FAST, tile=256)
 
