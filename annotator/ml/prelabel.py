@@ -701,9 +701,9 @@ class Prelabeller:
         (``region_peak_fraction``), neither refined nor dropped when small.
 
         An image the map calls defective gets at least this pre-label: the refinements (GrabCut, matched
-        good fabric) and the gate can move a small region off the map's peak and then drop it, which left
-        about 1 in 100 defective calls with an empty mask (session 13, 60 good images: 5 knots, a slub and a
-        good image of 620 demo test images, seeds 0 / 7; a blob of 150 brick / grass / gravel photographs).
+        good fabric) and the gate can move a small region off the map's peak and then drop it. That left 7 of
+        770 test images called defective with nothing drawn (session 13, 60 good images: 5 knots, a slub and a
+        good image among 620 demo test images, seeds 0 / 7; a blob among 150 brick / grass / gravel photographs).
         A reviewer told "defective" with nothing drawn has to search the image; on all 7 defects this region
         lies on the defect (IoU 0.34-0.56 to the truth, 0.49-0.77 within 1 px).
         """
