@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from annotator.core import formats as F
+from annotator.core.flag_text import flag_reason
 from annotator.core.images import ImageError, load_mask
 from annotator.core.jobs import CancelToken, ProgressFn, no_progress
 from annotator.core.review import Review
@@ -178,17 +179,17 @@ def flag_list(project: Project, all_rounds: bool = False) -> list[dict]:
             for f in project.flags(unresolved_only=not all_rounds)]
 
 
+_FLAG_FIELDS = ("path", "rule", "suspicion", "round", "id", "resolved")  # flag_list's own keys; the rest are numbers
+
+
 def format_flags(flags: list[dict]) -> str:
+    """One line per flag of :func:`flag_list`: suspicion, rule, path and the reason the desktop app gives."""
     if not flags:
         return "no open flags"
     out = []
     for f in flags:
-        if f["rule"] == "iou":
-            why = f"IoU {f['iou']:.2f} < {f['threshold']} (label {f['label_area']} px, predicted {f['pred_area']} px)"
-        else:
-            why = (f"{f['operation']} of votes {f['aggregate']:.2f} vs threshold {f['threshold']:.2f}, "
-                   f"predicted area {f['pred_area']} px, votes {f['votes']}")
-        out.append(f"{f['suspicion']:.2f}  {f['rule']:<12} {f['path']}: {why}")
+        why, _ = flag_reason(f["rule"], {k: v for k, v in f.items() if k not in _FLAG_FIELDS})
+        out.append(f"{f['suspicion']:.2f}  {f['rule']:<18} {f['path']}: {why}")
     return "\n".join(out)
 
 

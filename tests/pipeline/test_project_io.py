@@ -253,3 +253,40 @@ def test_cli_progress_keeps_one_bar_per_stretch_and_is_terse_off_a_terminal(caps
     quiet = _Bar(quiet=True)
     quiet(1, 2, "x")
     assert quiet.bar is None
+
+
+def test_flags_print_one_line_per_flag_for_every_rule(tmp_path, mvtec):
+    """`annotator flags P` (no --json) words every rule the checkers store, as the desktop app does."""
+    from annotator.core.flag_text import flag_reason
+    from annotator.core.store import FlagSpec
+
+    proj = tmp_path / "p"
+    with Project.create(proj) as p:
+        project_io.import_mvtec(p, mvtec)
+        ids = {i.rel_path: i.id for i in p.images()}
+        rnd = p.start_round("check")
+        p.add_flags(rnd, {
+            ids["test/hole/000.png"]: [FlagSpec("iou", 0.58, {
+                "iou": 0.42, "iou_exact": 0.4, "threshold": 0.8, "tolerance_px": 1, "label_area": 120, "pred_area": 80,
+                "voters": [0, 2], "regions": [{"index": 1, "iou": 0.42, "area": 120}]})],
+            ids["test/stain/000.png"]: [
+                FlagSpec("missed_label", 0.9, {"votes": {"0": 0.9, "1": 0.7}, "operation": "mean", "aggregate": 0.8,
+                                               "threshold": 0.5, "area_threshold": 15, "pred_area": 40}),
+                FlagSpec("unlabelled_anomaly", 0.97, {
+                    "unlabelled_px": 358, "label_area": 0, "gap_px": 2, "area_threshold": 15,
+                    "regions": [{"index": 1, "area": 358, "bbox": [59, 203, 20, 24]}],
+                    "support": [{"p": 0.0297, "supported": True, "area": 358}]})],
+            ids["test/mis_yarn/000.png"]: [FlagSpec("wrong_label", 0.7, {
+                "votes": {"0": 0.3}, "operation": "sum", "aggregate": 0.3, "threshold": 1.0, "pred_area": 0})],
+        })
+    r = run_cli("flags", proj)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["unlabelled_anomaly", "missed_label", "wrong_label", "iou"]
+    assert "358 px" in lines[0] and "test/stain/000.png" in lines[0]
+    assert "mean of the checkers' probabilities is 0.80" in lines[1]
+    assert "sum of the checkers' defect probabilities is 0.30" in lines[2]
+    assert "IoU 0.42, below the threshold 0.80" in lines[3] and "test/hole/000.png" in lines[3]
+    # a rule this version has no words for (a project from a newer version) is named, not a crash
+    reason, rows = flag_reason("some_new_rule", {"score": 0.5, "regions": []})
+    assert "some_new_rule" in reason and rows == [("score", "0.5")]
