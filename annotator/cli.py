@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -357,6 +358,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (Cancelled, KeyboardInterrupt):
         print(f"annotator {args.verb}: cancelled; work saved so far is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped early (`annotator status P --json | head`): not an error, and nothing to print;
+        # stdout goes to devnull so that Python's flush at exit does not raise again (Python's own recipe)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
 
 
 if __name__ == "__main__":

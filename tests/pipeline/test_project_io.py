@@ -290,3 +290,23 @@ def test_flags_print_one_line_per_flag_for_every_rule(tmp_path, mvtec):
     # a rule this version has no words for (a project from a newer version) is named, not a crash
     reason, rows = flag_reason("some_new_rule", {"score": 0.5, "regions": []})
     assert "some_new_rule" in reason and rows == [("score", "0.5")]
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`annotator status P --json | head`: the closed pipe ends the command quietly (exit 141, no traceback)."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    img = np.full((8, 8, 3), 128, np.uint8)
+    for i in range(700):  # ~150 bytes of status each: more than a pipe's 64 KB buffer
+        img[0, 0, 0] = i % 256
+        img[0, 1, 0] = i // 256
+        cv2.imwrite(str(src / f"{i:04d}.png"), img)
+    proj = tmp_path / "p"
+    assert run_cli("init", proj).returncode == 0
+    assert run_cli("import", proj, src).returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "annotator", "status", str(proj), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(10).startswith(b"{")
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
