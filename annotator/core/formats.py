@@ -548,7 +548,10 @@ class ExportSummary:
     defect_free: int = 0  # of which labelled with an empty mask (or role good)
     regions: int = 0  # connected regions written
     unlabelled: int = 0  # records with mask None (masks: written all-zero; others: skipped)
-    skipped: int = 0  # records not written (unlabelled; role good for export_masks)
+    skipped: int = 0  # records not written (unlabelled; role good for export_masks; unreadable)
+    # MVTec: images whose file could not be copied (moved, deleted or unreadable since the import), one line
+    # each; they are left out, the rest is written
+    unreadable: list = field(default_factory=list)
 
 
 def _mask_of(rec: ExportRecord) -> Optional[np.ndarray]:
@@ -689,7 +692,8 @@ def export_mvtec(
     ``ground_truth/<class>/<stem>_mask.png``. Unlabelled label images are skipped (MVTec
     has no place for them; test/good would claim they are defect-free). Images are
     copied byte for byte (``shutil.copy2``), keeping their extension; names are made
-    unique per folder (``001.png``, ``001_2.png``). ``manifest.json`` maps every exported
+    unique per folder (``001.png``, ``001_2.png``). An image whose file cannot be copied
+    (moved or deleted since the import) is left out and listed in ``unreadable``. ``manifest.json`` maps every exported
     file back to its rel_path and region classes so :func:`scan_mvtec` restores both.
     """
     out = os.path.abspath(os.fspath(out))
@@ -711,26 +715,33 @@ def export_mvtec(
         _, _, stem, ext = _split(_check_rel(rec.rel_path))
         mrel = None
         classes: Optional[list[str]] = None
+        regions: list = []
         if rec.role == ROLE_GOOD:
             folder = "train/good"
-            summary.defect_free += 1
         else:
             _labels, regions = label_regions(mask)
             classes = _classes(rec, len(regions))
             if not regions:
                 folder = "test/good"
-                summary.defect_free += 1
             else:
                 big = max(range(len(regions)), key=lambda k: (regions[k].area, -k))
-                kind = class_folder_name(classes[big])
-                folder = f"test/{kind}"
-                summary.defective += 1
-                summary.regions += len(regions)
+                folder = f"test/{class_folder_name(classes[big])}"
         name = _unique_name(used, folder, stem, ext)
         irel = f"{folder}/{name}"
         dst = os.path.join(out, *irel.split("/"))
         guard.check(dst)
-        _copy_atomic(rec.image_path, dst)
+        try:
+            _copy_atomic(rec.image_path, dst)
+        except OSError as e:
+            summary.unreadable.append(f"{rec.rel_path}: cannot copy the image ({e.strerror or e}) ({rec.image_path})")
+            summary.skipped += 1
+            used.discard(_key(f"{folder}/{name[:len(name) - len(ext)]}"))  # the name is free for the next one
+            continue
+        if regions:
+            summary.defective += 1
+            summary.regions += len(regions)
+        else:
+            summary.defect_free += 1
         if folder.startswith("test/") and folder != "test/good":
             mrel = f"ground_truth/{folder[5:]}/{posixpath.splitext(name)[0]}_mask.png"
             mdst = os.path.join(out, *mrel.split("/"))

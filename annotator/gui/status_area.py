@@ -29,25 +29,34 @@ def loop_summary(counts: Mapping[str, int], phase: str, round_no: int) -> tuple[
     return (f"ROUND {round_no} · {badge}" if round_no else badge), " · ".join(parts)
 
 
+def _unread(r: Mapping) -> str:
+    """The note on images whose file could not be read (moved, deleted or damaged since the import)."""
+    lost = r.get("unreadable") or []
+    if not lost:
+        return ""
+    n = len(lost)
+    return f" {n} image{'' if n == 1 else 's'} could not be read and {'was' if n == 1 else 'were'} left out: {lost[0]}"
+
+
 def describe_result(kind: str, r: Mapping) -> str:
     """The status-bar sentence for a finished job's summary."""
     if kind == "prelabel":
         return (f"Model 1 pre-labelled {r.get('prelabelled', 0)} images ({r.get('defective', 0)} look defective). "
-                "Pre-check them in the queue.")
+                "Pre-check them in the queue." + _unread(r))
     if kind == "check":
         kept, before = r.get("overruled", 0), r.get("accepted_before", 0)
         held = ([f"{kept} on labels you kept against a flag"] if kept else []) + (
             [f"{before} on labels an earlier round accepted, unchanged since"] if before else [])
         kept_note = f" Flags recorded, not sent back: {', '.join(held)}." if held else ""
         if r.get("loop_finished"):
-            return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)." + kept_note
+            return "The check raised no flag: the loop is finished. Export the labels (Ctrl+E)." + kept_note + _unread(r)
         n = r.get("flagged", 0)
         return (f"Check round {r.get('round')}: {n} image{'' if n == 1 else 's'} flagged, {r.get('accepted', 0)} "
-                "accepted. Work through the flags in the queue." + kept_note)
+                "accepted. Work through the flags in the queue." + kept_note + _unread(r))
     if kind == "export":
         note = "" if r.get("loop_finished") else " (the loop was not finished)"
         return (f"Exported {r.get('images', 0)} images ({r.get('defective', 0)} with defects, "
-                f"{r.get('regions', 0)} regions) to {r.get('out', '')}{note}.")
+                f"{r.get('regions', 0)} regions) to {r.get('out', '')}{note}." + _unread(r))
     return "Done."
 
 

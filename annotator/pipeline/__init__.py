@@ -8,3 +8,19 @@ need them, so light verbs (status, flags, export) start without torch.
 
 class PipelineError(Exception):
     """A verb cannot run; the message says why and what to do, in one line."""
+
+
+def load_readable(project, records, unreadable: list) -> list:
+    """``(record, image)`` for each record whose file still reads. The others (moved, deleted or damaged
+    since the import) go to ``unreadable`` as one line each, naming the file and the reason, and the work
+    goes on without them: one lost file out of thousands must not stop a pre-label or check run (the
+    project has no verb to drop an image, so a stop would last until the file is back)."""
+    from annotator.core.store import ProjectError
+
+    out = []
+    for rec in records:
+        try:
+            out.append((rec, project.load_image(rec.id)))
+        except ProjectError as exc:
+            unreadable.append(str(exc))
+    return out

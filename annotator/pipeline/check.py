@@ -12,7 +12,7 @@ from annotator.core.jobs import CancelToken, ProgressFn, check_cancel, no_progre
 from annotator.core.review import Review
 from annotator.core.store import FlagSpec, Project
 
-from . import PipelineError
+from . import PipelineError, load_readable
 
 VARIANTS = ("iou", "ensemble", "both")
 CHECKABLE = ("prechecked", "flagged", "accepted")
@@ -85,6 +85,9 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     round raise a new false alarm or two on labels that passed before, so the loop, which ends
     only on a round that sends nothing back, would not end (measured by `bench loop`, seed 1:
     1-2 correct labels sent back in each of rounds 2-6; docs/adr/0004-overruled-flags.md).
+
+    Pre-checked images whose file no longer reads are left out (not trained on, not judged, state
+    unchanged) and listed in the summary's ``unreadable``.
     """
     from annotator.ml.checkers import CheckerConfig, run_checkers
 
@@ -93,12 +96,18 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     review = Review(project)
     targets = [i for s in CHECKABLE for i in project.images(role="label", state=s)]
     waiting = len(project.images(role="label", state="prelabelled")) + len(project.images(role="label", state="new"))
-    if len(targets) < max(folds, 2) * 2:
+    need = max(folds, 2) * 2
+    if len(targets) < need:
         raise PipelineError(
-            f"the checkers need at least {max(folds, 2) * 2} pre-checked images, the project has {len(targets)}"
+            f"the checkers need at least {need} pre-checked images, the project has {len(targets)}"
             f" ({waiting} still wait for a person's pre-check)")
-    images = {t.id: project.load_image(t.id) for t in targets}
-    current = {t.id: project.current_label(t.id) for t in targets}
+    unreadable: list = []  # files moved, deleted or damaged since the import: neither trained on nor judged
+    images = {rec.id: img for rec, img in load_readable(project, targets, unreadable)}
+    if len(images) < need:
+        raise PipelineError(
+            f"the checkers need at least {need} pre-checked images that can be read, the project has {len(images)}"
+            f" ({len(unreadable)} cannot be read: {unreadable[0]})")
+    current = {i: project.current_label(i) for i in images}
     labels = {i: label.mask for i, label in current.items()}
     run = run_checkers(images, labels, n_models=folds, scheme=scheme, config=checker_config or CheckerConfig(),
                        seed=seed, on_progress=on_progress, cancel=cancel)
@@ -118,4 +127,6 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
     summary = review.record_check_results(rnd, flags_by_image, overruled=kept, accepted_before=passed)
     summary.update(round=rnd, variant=variant, waiting_for_precheck=waiting,
                    edited_during_check=len(images) - len(unchanged))
+    if unreadable:
+        summary["unreadable"] = unreadable
     return summary

@@ -9,37 +9,38 @@ from annotator.core.jobs import CancelToken, Cancelled, ProgressFn, check_cancel
 from annotator.core.review import Review
 from annotator.core.store import Project
 
-from . import PipelineError
+from . import PipelineError, load_readable
 
 MIN_GOOD = 4  # below this, held-out calibration of the thresholds is meaningless
 
 
-def _load(project: Project, image_id: int):
-    return project.load_image(image_id)
-
-
 def fit_model1(project: Project, config=None, on_progress: ProgressFn = no_progress,
-               cancel: Optional[CancelToken] = None):
-    """Fit model 1 on exactly the images marked good; store it as a model run."""
+               cancel: Optional[CancelToken] = None, unreadable: Optional[list] = None):
+    """Fit model 1 on the images marked good that can be read; store it as a model run. Good
+    images whose file no longer reads are left out and listed in ``unreadable``."""
     from annotator.ml.prelabel import PrelabelConfig, fit_prelabeller
 
     config = config or PrelabelConfig()
     goods = project.images(role="good")
-    if len(goods) < MIN_GOOD:
-        raise PipelineError(
-            f"model 1 needs at least {MIN_GOOD} defect-free images, the project has {len(goods)}; "
-            "add some with `annotator import PROJECT DIR --good`")
+    unread: list = []
     images = []
     for k, g in enumerate(goods):
         check_cancel(cancel)
-        images.append(_load(project, g.id))
+        images += [img for _, img in load_readable(project, [g], unread)]
         on_progress(k + 1, len(goods), "loading good images")
+    if unreadable is not None:
+        unreadable += unread
+    if len(images) < MIN_GOOD:
+        lost = f" ({len(unread)} more cannot be read: {unread[0]})" if unread else ""
+        raise PipelineError(
+            f"model 1 needs at least {MIN_GOOD} defect-free images, the project has {len(images)}{lost}; "
+            "add some with `annotator import PROJECT DIR --good`")
     started = time.perf_counter()
     model = fit_prelabeller(images, config, on_progress=on_progress, cancel=cancel)
     fit_s = time.perf_counter() - started
     folder = project.new_model_dir(config.method)
     model.save(folder)
-    metrics = {"fit_seconds": round(fit_s, 2), "n_good": len(goods), **getattr(model, "metrics", {})}
+    metrics = {"fit_seconds": round(fit_s, 2), "n_good": len(images), **getattr(model, "metrics", {})}
     project.add_model_run("prelabel", config.method, folder, config=asdict(config), metrics=metrics)
     return model
 
@@ -49,32 +50,39 @@ def prelabel_project(project: Project, config=None, on_progress: ProgressFn = no
     """Pre-label every image not yet touched by a person (state new or prelabelled).
 
     Each image's result is committed on its own, so a cancel or a crash keeps the work
-    done so far; images a person already checked are never overwritten.
+    done so far; images a person already checked are never overwritten. Images (good ones
+    included) whose file no longer reads are left as they are and listed in the summary's
+    ``unreadable``, one line each.
     """
     review = Review(project)
     targets = project.images(role="label", state="new") + project.images(role="label", state="prelabelled")
     if not targets:
         return {"prelabelled": 0, "defective": 0, "note": "nothing to pre-label"}
-    model = fit_model1(project, config, on_progress, cancel) if refit else load_model1(project)
+    unreadable: list = []
+    model = fit_model1(project, config, on_progress, cancel, unreadable) if refit else load_model1(project)
     rnd = review.start_prelabel_round()
-    done = defective = 0
+    done = defective = n_unread = 0
     try:
         for chunk in _chunks(targets):
             check_cancel(cancel)
             # a few images per call: the backbone scores them in batches and their masks are
             # drawn in parallel (Prelabeller.predict); each is still committed on its own
-            results = model.predict([_load(project, rec.id) for rec in chunk], cancel=cancel)
-            for rec, result in zip(chunk, results):
+            loaded = load_readable(project, chunk, unreadable)
+            n_unread += len(chunk) - len(loaded)
+            results = model.predict([img for _, img in loaded], cancel=cancel) if loaded else []
+            for (rec, _), result in zip(loaded, results):
                 check_cancel(cancel)
                 with project.transaction():
                     review.record_prelabel(rnd, rec.id, result.mask, None, result.score, result.is_defect)
                     project.set_heatmap(rec.id, result.heatmap)
                 done += 1
                 defective += bool(result.is_defect)
-                on_progress(done, len(targets), "pre-labelling")
+                on_progress(done + n_unread, len(targets), "pre-labelling")
     finally:
         summary = review.end_prelabel_round(rnd)
     summary.update(prelabelled_now=done, defective_now=defective)
+    if unreadable:
+        summary["unreadable"] = unreadable
     return summary
 
 

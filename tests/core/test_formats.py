@@ -320,6 +320,20 @@ def test_mvtec_import_export_import(tmp_path, mvtec):
     assert source_hashes(recs) == before
 
 
+def test_export_mvtec_leaves_out_an_image_deleted_since_the_import_and_lists_it(tmp_path, dataset):
+    src, recs = dataset
+    os.remove(src / "a/001.png")  # defective, 2 regions
+    out = tmp_path / "mv"
+    s = export_mvtec(recs, str(out))
+    assert (s.images, s.defective, s.defect_free, s.regions, s.skipped) == (5, 3, 2, 6, 2)
+    assert len(s.unreadable) == 1 and s.unreadable[0].startswith("a/001.png: cannot copy the image")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "test/broken needle/001.png" in files  # b/001.png, the name a/001.png would have taken first
+    assert not any(f.endswith(".tmp") for f in files) and len([f for f in files if f.startswith("ground_truth/")]) == 3
+    scan = scan_mvtec(str(out), with_labels=True)
+    assert "a/001.png" not in {it.rel_path for it in scan.items}
+
+
 def test_export_mvtec_round_trip_multiclass(tmp_path, dataset):
     src, recs = dataset
     before = source_hashes(recs)

@@ -48,7 +48,7 @@ def test_model1_fits_on_good_images_only(tmp_path, data, monkeypatch):
     with Project.create(tmp_path / "p") as p:
         project_io.import_mvtec(p, data)
         summary = verb.prelabel_project(p, small_prelabel())
-        goods = [verb._load(p, g.id) for g in p.images(role="good")]
+        goods = [p.load_image(g.id) for g in p.images(role="good")]
         assert len(seen) == len(goods) == 8
         assert all(any(np.array_equal(s, g) for g in goods) for s in seen)
         assert summary["prelabelled"] == 6
@@ -268,3 +268,38 @@ def test_cancel_while_judging_labels_records_no_round(tmp_path, data):
                           cancel=token)
         assert "judging the labels" in seen and not p.flags()
         assert {review.state(i) for i in truth_masks(p, data)} == {"prechecked"}
+
+
+def test_files_lost_since_the_import_are_listed_and_the_rest_is_done(tmp_path, data):
+    """A good image and an image to label deleted after the import: pre-labelling goes on without them and
+    lists them; a pre-checked image deleted before a check round is neither trained on nor judged."""
+    import shutil
+
+    from annotator.pipeline.check import check_project
+    from annotator.pipeline.prelabel import prelabel_project
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, root)
+        (root / "train/good/000.png").unlink()
+        (root / "test/hole/000.png").unlink()
+        summary = prelabel_project(p, small_prelabel())
+        assert summary["prelabelled"] == 5 and len(summary["unreadable"]) == 2
+        assert "train/good/000.png: file not found" in summary["unreadable"][0]
+        assert "test/hole/000.png: file not found" in summary["unreadable"][1]
+        assert p.model_runs("prelabel")[-1].metrics["n_good"] == 7
+        states = {i.rel_path: i.state for i in p.images(role="label")}
+        assert states.pop("test/hole/000.png") == "new" and set(states.values()) == {"prelabelled"}
+
+        review = Review(p)
+        truth = truth_masks(p, root)
+        for i in truth:
+            review.replace_mask(i, truth[i])
+        (root / "test/stain/000.png").unlink()
+        lost = {i.rel_path: i.id for i in p.images()}
+        summary = check_project(p, variant="iou", folds=2, checker_config=small_checkers())
+        assert summary["checked"] == 4 and len(summary["unreadable"]) == 2
+        assert p.image(lost["test/stain/000.png"]).state == "prechecked"
+        assert p.image(lost["test/hole/000.png"]).state == "prechecked"
+        assert not review.loop_finished()
