@@ -111,11 +111,17 @@ def _set_labels(project: Project, images: dict, loaders: dict, report: dict) -> 
     review = Review(project)
     for rel, load in loaders.items():
         img = images[rel]
-        if img.role == F.ROLE_GOOD:
-            report["skipped"].append([rel, "a good (defect-free) training image takes no label"])
-            continue
         try:
             mask, classes = load()
+            if img.role == F.ROLE_GOOD:
+                # a good image takes no label; an empty one agrees with it (a COCO or labelme export lists the
+                # good images too) and is counted, not listed
+                if mask.any():
+                    report["skipped"].append([rel, f"a good (defect-free) training image takes no label, but this one "
+                                                   f"marks {int(mask.sum())} px as a defect"])
+                else:
+                    report["good_agreed"] = report.get("good_agreed", 0) + 1
+                continue
             review.import_label(img.id, mask, classes)
         except (ImageError, ProjectError, ValueError) as exc:
             report["skipped"].append([rel, str(exc)])

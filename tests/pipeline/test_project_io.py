@@ -310,3 +310,24 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_labels_of_good_images_agree_quietly_unless_they_mark_a_defect(tmp_path, mvtec):
+    """Re-importing a COCO export (it lists the good images, defect-free) lists nothing for them; a label that
+    marks a defect on a good image is listed and not set."""
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, mvtec, with_labels=True)
+        project_io.export_project(p, tmp_path / "coco", "coco")
+        report = project_io.import_labels(p, tmp_path / "coco/annotations.json", "coco")
+        assert report["labels"] == 5 and report["skipped"] == [] and report["good_agreed"] == 3
+        masks = tmp_path / "masks"
+        (masks / "train/good").mkdir(parents=True)
+        mark = np.zeros((48, 48), np.uint8)
+        cv2.imwrite(str(masks / "train/good/001_mask.png"), mark)
+        mark[5:9, 5:9] = 255
+        cv2.imwrite(str(masks / "train/good/000_mask.png"), mark)
+        report = project_io.import_masks(p, masks)
+        assert report["good_agreed"] == 1 and report["labels"] == 0
+        assert report["skipped"] == [["train/good/000.png", "a good (defect-free) training image takes no label, "
+                                                            "but this one marks 16 px as a defect"]]
+        assert {i.role for i in p.images() if i.rel_path.startswith("train/")} == {"good"}
