@@ -340,6 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError with a file name (``[Errno 17] File exists: 'out'`` reads as
+    ``out: File exists``); its own message otherwise."""
+    if exc.strerror and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}"
+    return str(exc)
+
+
+def _reader_gone() -> int:
+    """The reader stopped early (`annotator status P --json | head`): not an error, and nothing to print.
+    stdout goes to devnull so that Python's flush at exit does not raise again (Python's own recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from annotator.core.images import ImageError
     from annotator.core.jobs import Cancelled
@@ -352,18 +368,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ProjectError, PipelineError, ImageError, ValueError, FileNotFoundError) as exc:
+    except (ProjectError, PipelineError, ImageError, ValueError) as exc:
         print(f"annotator {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return _reader_gone()
+    except OSError as exc:  # a file or folder the command cannot create, read or write
+        print(f"annotator {args.verb}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 1
     except (Cancelled, KeyboardInterrupt):
         print(f"annotator {args.verb}: cancelled; work saved so far is kept", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader stopped early (`annotator status P --json | head`): not an error, and nothing to print;
-        # stdout goes to devnull so that Python's flush at exit does not raise again (Python's own recipe)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
 
 
 if __name__ == "__main__":

@@ -331,3 +331,20 @@ def test_labels_of_good_images_agree_quietly_unless_they_mark_a_defect(tmp_path,
         assert report["skipped"] == [["train/good/000.png", "a good (defect-free) training image takes no label, "
                                                             "but this one marks 16 px as a defect"]]
         assert {i.role for i in p.images() if i.rel_path.startswith("train/")} == {"good"}
+
+
+def test_cli_file_errors_are_one_line_without_a_traceback(tmp_path, mvtec):
+    proj = tmp_path / "p"
+    assert run_cli("init", proj).returncode == 0
+    assert run_cli("import", proj, "--mvtec", mvtec, "--with-labels").returncode == 0
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, says in (((full, "--format", "mvtec"), "must be empty or not exist"),
+                       ((a_file, "--format", "masks"), f"{a_file}: File exists")):
+        r = run_cli("export", proj, *args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("annotator export: error: ") and says in lines[0]
