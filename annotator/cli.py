@@ -340,14 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _os_error_line(exc: OSError) -> str:
-    """``PATH: reason`` for an OSError with a file name (``[Errno 17] File exists: 'out'`` reads as
-    ``out: File exists``); its own message otherwise."""
-    if exc.strerror and exc.filename is not None:
-        return f"{os.fsdecode(exc.filename)}: {exc.strerror}"
-    return str(exc)
-
-
 def _reader_gone() -> int:
     """The reader stopped early (`annotator status P --json | head`): not an error, and nothing to print.
     stdout goes to devnull so that Python's flush at exit does not raise again (Python's own recipe)."""
@@ -358,7 +350,7 @@ def _reader_gone() -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from annotator.core.images import ImageError
-    from annotator.core.jobs import Cancelled
+    from annotator.core.jobs import Cancelled, os_error_line
     from annotator.core.store import ProjectError
     from annotator.pipeline import PipelineError
 
@@ -374,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         return _reader_gone()
     except OSError as exc:  # a file or folder the command cannot create, read or write
-        print(f"annotator {args.verb}: error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"annotator {args.verb}: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
     except (Cancelled, KeyboardInterrupt):
         print(f"annotator {args.verb}: cancelled; work saved so far is kept", file=sys.stderr)

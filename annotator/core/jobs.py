@@ -5,6 +5,7 @@ Every headless entry point (pre-label, check, train, export, benchmarks) takes
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable, Optional
 
@@ -41,3 +42,11 @@ def no_progress(done: int, total: int, message: str = "") -> None:
 def check_cancel(cancel: Optional[CancelToken]) -> None:
     if cancel is not None:
         cancel.raise_if_cancelled()
+
+
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError with a file name (``[Errno 17] File exists: 'out'`` reads
+    ``out: File exists``); its own message otherwise. The command line and the app word it alike."""
+    if exc.strerror and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}"
+    return str(exc)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-from annotator.core.jobs import CancelToken, Cancelled, ProgressFn
+from annotator.core.jobs import CancelToken, Cancelled, ProgressFn, os_error_line
 
 JobFn = Callable[[ProgressFn, CancelToken], Any]
 
@@ -43,7 +43,7 @@ def readable_error(exc: BaseException) -> str:
         return f"The disk is full: {exc.filename or 'a file'} could not be written. Free some space and try again."
     if isinstance(exc, MemoryError):
         return "Not enough memory to finish this job. Close other programs or use fewer images."
-    text = str(exc).strip() or type(exc).__name__
+    text = (os_error_line(exc) if isinstance(exc, OSError) else str(exc)).strip() or type(exc).__name__
     if type(exc).__module__ == "builtins" and not isinstance(exc, (OSError, ValueError)):
         return f"{type(exc).__name__}: {text}"
     return text

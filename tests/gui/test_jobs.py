@@ -118,6 +118,9 @@ def test_eta_follows_the_rate_and_restarts_on_a_new_phase():
 def test_readable_error_keeps_the_message():
     assert readable_error(ValueError("bad threshold")) == "bad threshold"
     assert "KeyError" in readable_error(KeyError("x"))
+    # a file error names the path first, as the command line does
+    assert readable_error(FileExistsError(17, "File exists", "/data/out")) == "/data/out: File exists"
+    assert readable_error(FileExistsError("/data/out: the export folder must be empty")).startswith("/data/out: the")
 
 
 def test_no_qthread_is_left_after_a_job(qtbot):
