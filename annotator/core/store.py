@@ -543,14 +543,20 @@ class Project:
 
     def save_mask(self, image_id: int, mask: MaskLike) -> str:
         """Write ``mask`` as ``masks/<image>-<digest>.png`` (content-addressed, so an
-        existing file is never overwritten with other content). Returns the relative path."""
+        existing file is never overwritten with other content; one that no longer reads is
+        written again). Returns the relative path."""
         rel = f"masks/{image_id}-{mask_digest(mask)}.png"
         dest = self.path / rel
-        if not dest.exists():
-            ok, png = cv2.imencode(".png", to_u8(mask))
-            if not ok:
-                raise ProjectError(f"could not encode mask for image {image_id}")
-            images.atomic_write_bytes(dest, png.tobytes())
+        if dest.exists():
+            try:
+                read_mask(dest)
+                return rel
+            except ProjectError:
+                pass  # the file of this content was damaged: written again (atomically) below
+        ok, png = cv2.imencode(".png", to_u8(mask))
+        if not ok:
+            raise ProjectError(f"could not encode mask for image {image_id}")
+        images.atomic_write_bytes(dest, png.tobytes())
         return rel
 
     # ---- labels
@@ -593,6 +599,18 @@ class Project:
     def current_label(self, image_id: int) -> Optional[Label]:
         row = self._one("SELECT * FROM labels WHERE image_id = ? ORDER BY id DESC LIMIT 1", (image_id,))
         return None if row is None else self._label(row)
+
+    def last_readable_label(self, image_id: int) -> Optional[Label]:
+        """The newest label version whose mask file still reads (its ``mask`` loaded), or None. For an
+        image whose current label's file was damaged or deleted: the person sees this version again and
+        saves it as a new one."""
+        for label in reversed(self.label_history(image_id)):
+            try:
+                label.mask
+            except ProjectError:
+                continue
+            return label
+        return None
 
     def label_history(self, image_id: int) -> list[Label]:
         """Every label version of the image, oldest first."""

@@ -262,6 +262,9 @@ class MainWindow(QMainWindow):
         if v.draft is not None:
             self.canvas.replace_mask(v.draft)  # one undo step; marks the image edited
             self.statusBar().showMessage("Restored your unsaved edit of this image.", 8000)
+        if v.note:  # the label's file is damaged: what is shown is saved as a new version
+            self.dirty = True
+            self.statusBar().showMessage(v.note, 30000)
         self.flags.set_flags(v.flags)
         self._show_regions()
         self._show_info(v.record)

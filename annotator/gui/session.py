@@ -27,7 +27,7 @@ from annotator.core.flags import FlagRules
 from annotator.core.images import ImageError, load_image, save_png_atomic
 from annotator.core.jobs import CancelToken, ProgressFn
 from annotator.core.review import Review
-from annotator.core.store import Project
+from annotator.core.store import Project, ProjectError
 
 DRAFTS = "drafts"  # unsaved working masks, one PNG per image, inside the project folder
 
@@ -66,6 +66,7 @@ class ImageView:
     flags: list  # open flags, most suspicious first
     pred_mask: Optional[np.ndarray]  # of the most suspicious flag that has one
     heatmap: Optional[np.ndarray]
+    note: str = ""  # a warning to show with the image (its label's file was damaged)
 
 
 class ProjectSession(QObject):
@@ -106,13 +107,25 @@ class ProjectSession(QObject):
         p = self.project
         record, pixels = p.image(image_id), self.load_image(image_id)
         label = p.current_label(image_id)
-        mask = None if label is None else label.mask
         draft = self.load_draft(image_id)
+        flags = p.flags(image_id=image_id, unresolved_only=True)
+        pred = next((f.pred_mask for f in flags if f.pred_path is not None), None)
+        try:
+            mask = None if label is None else label.mask
+        except ProjectError:
+            # the label's file was damaged or deleted: show the last version that reads (or an empty mask),
+            # with its classes, as an edit (the window marks it edited), so that accepting it saves a new,
+            # readable version; the image is never a dead end
+            older = p.last_readable_label(image_id)
+            note = (f"The label file {label.path.name} cannot be read. Showing "
+                    + (f"the last version that reads (round {older.round}, {older.source})" if older
+                       else "an empty mask") + ": check it and accept (A) to save it again.")
+            shown = older.mask if older is not None else np.zeros((record.height, record.width), bool)
+            return ImageView(record, pixels, shown, [] if older is None else list(older.classes), label.id, draft,
+                             flags, pred, p.heatmap(image_id), note)
         if draft is not None and mask is not None and np.array_equal(draft, mask):
             self.drop_draft(image_id)
             draft = None
-        flags = p.flags(image_id=image_id, unresolved_only=True)
-        pred = next((f.pred_mask for f in flags if f.pred_path is not None), None)
         return ImageView(record, pixels, mask, [] if label is None else list(label.classes),
                          None if label is None else label.id, draft, flags, pred, p.heatmap(image_id))
 

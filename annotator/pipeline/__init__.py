@@ -24,3 +24,17 @@ def load_readable(project, records, unreadable: list) -> list:
         except ProjectError as exc:
             unreadable.append(str(exc))
     return out
+
+
+def current_mask(project, image, label):
+    """``label.mask`` (None without a label), or a :class:`PipelineError` naming the image when its file was
+    damaged or deleted: the desktop app shows such an image with the last version that reads, to save again."""
+    from annotator.core.store import ProjectError
+
+    if label is None:
+        return None
+    try:
+        return label.mask
+    except ProjectError as exc:
+        raise PipelineError(f"{image.rel_path}: its label cannot be read ({exc}); open the image in the app, "
+                            "which shows the last version that reads, and accept it to save it again") from None

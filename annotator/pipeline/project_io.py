@@ -11,7 +11,7 @@ from annotator.core.jobs import CancelToken, ProgressFn, no_progress
 from annotator.core.review import Review
 from annotator.core.store import Project, ProjectError
 
-from . import PipelineError
+from . import PipelineError, current_mask
 
 
 def _add_items(project: Project, items, role_of, report: dict) -> dict[str, int]:
@@ -210,7 +210,7 @@ def export_records(project: Project) -> list[F.ExportRecord]:
         label = project.current_label(img.id)
         records.append(F.ExportRecord(
             img.rel_path, img.source, img.width, img.height, img.role,
-            mask=None if label is None else label.mask,
+            mask=current_mask(project, img, label),
             region_classes=() if label is None else [c or F.DEFAULT_CLASS for c in label.classes],
         ))
     return records

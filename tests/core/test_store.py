@@ -422,3 +422,25 @@ def test_problems_reports_a_missing_mask_file(proj, img):
     assert proj.problems() == [f"missing mask file masks/{label.path.name}"]
     with pytest.raises(ProjectError, match="mask file is missing"):
         proj.current_label(img).mask
+
+
+def test_a_damaged_mask_file_is_written_again_and_the_last_readable_version_is_found(tmp_path):
+    with Project.create(tmp_path / "p") as p:
+        src = tmp_path / "img.png"
+        cv2.imwrite(str(src), np.full((20, 30, 3), 100, np.uint8))
+        image_id = p.add_image(src, "img.png")
+        a = np.zeros((20, 30), bool)
+        a[2:5, 2:5] = True
+        b = a.copy()
+        b[10:15, 10:15] = True
+        first = p.set_label(image_id, a)
+        second = p.set_label(image_id, b)
+        second.path.write_bytes(b"junk")
+        older = p.last_readable_label(image_id)
+        assert older.id == first.id and older.mask.sum() == 9
+        third = p.set_label(image_id, b)  # the same content: same file name, written again
+        assert third.path == second.path
+        np.testing.assert_array_equal(p.current_label(image_id).mask, b)
+        first.path.unlink()
+        second.path.write_bytes(b"junk")
+        assert p.last_readable_label(image_id) is None

@@ -246,6 +246,33 @@ def test_an_unreadable_image_shows_an_error_and_the_app_keeps_working(qtbot, win
     assert window.show_image(fine.id) and window.current_id == fine.id
 
 
+def test_a_damaged_label_file_shows_the_last_version_that_reads_and_saves_it_again(qtbot, window, project_dir):
+    """The current label's mask file is damaged: the image still opens, with the previous version as an
+    edit and a note; saving records a new version whose file reads, and the export works again."""
+    from annotator.core.review import Review
+
+    with Project.open(project_dir) as p:
+        image = p.images(role="label")[0]
+        first = np.zeros((image.height, image.width), bool)
+        first[5:15, 5:25] = True
+        Review(p).replace_mask(image.id, first)
+        second = first.copy()
+        second[30:40, 30:40] = True
+        damaged = Review(p).replace_mask(image.id, second)
+    damaged.path.write_bytes(b"not a PNG any more")
+    with pytest.raises(Exception, match="label cannot be read"):
+        with Project.open(project_dir) as p:
+            project_io.export_records(p)
+    window.open_project(project_dir)
+    assert window.show_image(image.id) and window.dirty
+    np.testing.assert_array_equal(window.canvas.working_mask(), first)
+    assert "cannot be read" in window.statusBar().currentMessage()
+    assert window.save_current()
+    with Project.open(project_dir) as p:
+        np.testing.assert_array_equal(p.current_label(image.id).mask, first)
+        assert len(project_io.export_records(p)) == len(p.images())
+
+
 def test_reopening_restores_the_image_and_an_unsaved_edit(qtbot, window, project_dir, tmp_path):
     window.open_project(project_dir)
     target = window.session.project.images(role="label")[2].id
