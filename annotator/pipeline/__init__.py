@@ -26,7 +26,7 @@ def load_readable(project, records, unreadable: list) -> list:
     return out
 
 
-def current_mask(project, image, label):
+def current_mask(image, label):
     """``label.mask`` (None without a label), or a :class:`PipelineError` naming the image when its file was
     damaged or deleted: the desktop app shows such an image with the last version that reads, to save again."""
     from annotator.core.store import ProjectError

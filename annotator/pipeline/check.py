@@ -108,7 +108,7 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
             f"the checkers need at least {need} pre-checked images that can be read, the project has {len(images)}"
             f" ({len(unreadable)} cannot be read: {unreadable[0]})")
     current = {i: project.current_label(i) for i in images}
-    labels = {i: current_mask(project, project.image(i), label) for i, label in current.items()}
+    labels = {i: current_mask(project.image(i), label) for i, label in current.items()}
     run = run_checkers(images, labels, n_models=folds, scheme=scheme, config=checker_config or CheckerConfig(),
                        seed=seed, on_progress=on_progress, cancel=cancel)
     # An image edited while the checkers trained is not judged on its old label: it stays

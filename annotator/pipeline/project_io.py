@@ -116,7 +116,7 @@ def _set_labels(project: Project, images: dict, loaders: dict, report: dict) -> 
             if img.role == F.ROLE_GOOD:
                 # a good image takes no label; an empty one agrees with it (a COCO or labelme export lists the
                 # good images too) and is counted, not listed
-                if mask.any():
+                if mask is not None and mask.any():
                     report["skipped"].append([rel, f"a good (defect-free) training image takes no label, but this one "
                                                    f"marks {int(mask.sum())} px as a defect"])
                 else:
@@ -210,7 +210,7 @@ def export_records(project: Project) -> list[F.ExportRecord]:
         label = project.current_label(img.id)
         records.append(F.ExportRecord(
             img.rel_path, img.source, img.width, img.height, img.role,
-            mask=current_mask(project, img, label),
+            mask=current_mask(img, label),
             region_classes=() if label is None else [c or F.DEFAULT_CLASS for c in label.classes],
         ))
     return records
