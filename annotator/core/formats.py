@@ -693,8 +693,9 @@ def export_mvtec(
     has no place for them; test/good would claim they are defect-free). Images are
     copied byte for byte (``shutil.copy2``), keeping their extension; names are made
     unique per folder (``001.png``, ``001_2.png``). An image whose file cannot be copied
-    (moved or deleted since the import) is left out and listed in ``unreadable``. ``manifest.json`` maps every exported
-    file back to its rel_path and region classes so :func:`scan_mvtec` restores both.
+    (moved or deleted since the import) is left out and listed in ``unreadable``.
+    ``manifest.json`` maps every exported file back to its rel_path and region classes so
+    :func:`scan_mvtec` restores both.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
