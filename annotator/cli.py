@@ -73,9 +73,9 @@ def cmd_import(a) -> int:
 
     with _open(a.project) as p:
         if a.mvtec:
-            report = project_io.import_mvtec(p, a.mvtec, with_labels=a.with_labels)
+            report = project_io.import_mvtec(p, a.mvtec, with_labels=a.with_labels, prefix=a.prefix)
         elif a.folder:
-            report = project_io.import_folder(p, a.folder, good=a.good)
+            report = project_io.import_folder(p, a.folder, good=a.good, prefix=a.prefix)
         else:
             raise SystemExit("annotator import: give a folder or --mvtec ROOT")
     _print_json(report) if a.json else print(project_io.format_import_report(report))
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--good", action="store_true", help="the images are defect-free: model 1 trains on them")
     p.add_argument("--mvtec", metavar="ROOT", help="an MVTec-AD tree: train/good -> good, test/** -> to label")
     p.add_argument("--with-labels", action="store_true", help="with --mvtec: also import ground_truth masks as reviewer labels")
+    p.add_argument("--prefix", metavar="NAME", help="put the imported paths under this folder name (e.g. batch-02): "
+                   "a batch whose file names repeat an earlier one's")
     p.add_argument("--json", action="store_true")
 
     p = verb("labels", cmd_labels, "set current labels from mask PNGs, COCO or labelme (as reviewer-checked)")

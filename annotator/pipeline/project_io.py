@@ -14,18 +14,33 @@ from annotator.core.store import Project, ProjectError
 from . import PipelineError, current_mask
 
 
-def _add_items(project: Project, items, role_of, report: dict) -> dict[str, int]:
-    """Add scanned items in one transaction; an existing path is kept, never replaced."""
+def _prefixed(prefix: Optional[str]):
+    """``rel -> prefix/rel`` for an import's ``prefix`` (a relative folder, e.g. ``batch-02``), or the identity."""
+    if not prefix:
+        return lambda rel: rel
+    parts = [q for q in str(prefix).replace("\\", "/").split("/") if q not in ("", ".")]
+    if not parts or ".." in parts or str(prefix).startswith(("/", "\\")) or ":" in parts[0]:
+        raise PipelineError(f"--prefix must be a relative folder name such as batch-02, got {prefix!r}")
+    head = "/".join(parts)
+    return lambda rel: f"{head}/{rel}"
+
+
+def _add_items(project: Project, items, role_of, report: dict, prefix: Optional[str] = None) -> dict[str, int]:
+    """Add scanned items in one transaction (their paths under ``prefix``); an existing path is kept, never
+    replaced. Returns {scanned rel_path: image id} of the images added."""
+    path_of = _prefixed(prefix)
     added: dict[str, int] = {}
     with project.transaction():
         for it in items:
-            known = project.image_by_path(it.rel_path)
+            rel = path_of(it.rel_path)
+            known = project.image_by_path(rel)
             if known is not None:
                 same = known.sha256 == it.sha256
-                report["skipped"].append([it.rel_path, "already in the project" if same else
-                                          "a different image with this path is already in the project"])
+                report["skipped"].append([rel, "already in the project" if same else
+                                          "a different image with this path is already in the project (import "
+                                          "the folder with --prefix NAME to keep both)"])
                 continue
-            added[it.rel_path] = project.add_image(it.abs_path, it.rel_path, role_of(it), width=it.width,
+            added[it.rel_path] = project.add_image(it.abs_path, rel, role_of(it), width=it.width,
                                                    height=it.height, sha256=it.sha256)
     report["added"] += len(added)
     return added
@@ -36,22 +51,26 @@ def _new_report(root) -> dict:
 
 
 def import_folder(project: Project, root, good: bool = False, on_progress: ProgressFn = no_progress,
-                  cancel: Optional[CancelToken] = None) -> dict:
-    """Add every readable image under ``root``; unreadable ones are listed with the reason."""
+                  cancel: Optional[CancelToken] = None, prefix: Optional[str] = None) -> dict:
+    """Add every readable image under ``root`` (its path relative to ``root``, under ``prefix`` when given:
+    a second batch whose file names repeat the first's); unreadable ones are listed with the reason."""
     if not Path(root).is_dir():
         raise PipelineError(f"no folder at {root}")
+    _prefixed(prefix)  # a bad prefix fails before the scan
     scan = F.scan_folder(str(root), on_progress=on_progress, cancel=cancel)
     report = _new_report(root)
     report["skipped"] += [list(s) for s in scan.skipped]
     report["duplicates"] = scan.duplicates
-    _add_items(project, scan.items, lambda it: F.ROLE_GOOD if good else F.ROLE_LABEL, report)
+    _add_items(project, scan.items, lambda it: F.ROLE_GOOD if good else F.ROLE_LABEL, report, prefix)
     report["role"] = F.ROLE_GOOD if good else F.ROLE_LABEL
     return report
 
 
 def import_mvtec(project: Project, root, with_labels: bool = False, on_progress: ProgressFn = no_progress,
-                 cancel: Optional[CancelToken] = None) -> dict:
-    """train/good -> good; test/** -> to label; ground truth as reviewer-checked labels when asked."""
+                 cancel: Optional[CancelToken] = None, prefix: Optional[str] = None) -> dict:
+    """train/good -> good; test/** -> to label; ground truth as reviewer-checked labels when asked; every
+    path under ``prefix`` when given."""
+    path_of = _prefixed(prefix)  # a bad prefix fails before the scan
     try:
         scan = F.scan_mvtec(str(root), with_labels=with_labels, on_progress=on_progress, cancel=cancel)
     except F.NotMvtecError as exc:
@@ -60,7 +79,7 @@ def import_mvtec(project: Project, root, with_labels: bool = False, on_progress:
     report["skipped"] += [list(s) for s in scan.skipped]
     report["duplicates"] = scan.duplicates
     report["missing_masks"] = scan.missing_masks
-    added = _add_items(project, scan.items, lambda it: it.role, report)
+    added = _add_items(project, scan.items, lambda it: it.role, report, prefix)
     if with_labels:
         review = Review(project)
         for it in scan.items:
@@ -68,7 +87,7 @@ def import_mvtec(project: Project, root, with_labels: bool = False, on_progress:
                 try:
                     mask, classes = it.load_label()
                 except ImageError as exc:
-                    report["skipped"].append([it.rel_path, f"label not imported: {exc.reason}"])
+                    report["skipped"].append([path_of(it.rel_path), f"label not imported: {exc.reason}"])
                     continue
                 review.import_label(added[it.rel_path], mask, classes)
                 report["labels"] += 1

@@ -348,3 +348,22 @@ def test_cli_file_errors_are_one_line_without_a_traceback(tmp_path, mvtec):
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("annotator export: error: ") and says in lines[0]
+
+
+def test_a_second_batch_with_the_same_file_names_goes_under_a_prefix(tmp_path, mvtec):
+    first, second = tmp_path / "day1", tmp_path / "day2"
+    for folder, value in ((first, 80), (second, 160)):
+        folder.mkdir()
+        cv2.imwrite(str(folder / "001.png"), np.full((24, 24, 3), value, np.uint8))
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_folder(p, first)
+        clash = project_io.import_folder(p, second)
+        assert clash["added"] == 0 and "--prefix" in clash["skipped"][0][1]
+        report = project_io.import_folder(p, second, prefix="day2")
+        assert report["added"] == 1 and {i.rel_path for i in p.images()} == {"001.png", "day2/001.png"}
+        report = project_io.import_mvtec(p, mvtec, with_labels=True, prefix="batch/7")
+        assert report["labels"] == 5 and p.image_by_path("batch/7/test/hole/000.png") is not None
+        assert p.current_label(p.image_by_path("batch/7/test/hole/000.png").id).area > 0
+        for bad in ("../up", "/abs", "..", "C:/x"):
+            with pytest.raises(PipelineError, match="--prefix"):
+                project_io.import_folder(p, second, prefix=bad)
