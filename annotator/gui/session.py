@@ -110,24 +110,25 @@ class ProjectSession(QObject):
         draft = self.load_draft(image_id)
         flags = p.flags(image_id=image_id, unresolved_only=True)
         pred = next((f.pred_mask for f in flags if f.pred_path is not None), None)
+        note = ""
         try:
             mask = None if label is None else label.mask
+            classes = [] if label is None else list(label.classes)
         except ProjectError:
             # the label's file was damaged or deleted: show the last version that reads (or an empty mask),
-            # with its classes, as an edit (the window marks it edited), so that accepting it saves a new,
-            # readable version; the image is never a dead end
+            # with its classes; the window marks it edited (``note``), so that accepting it saves a new,
+            # readable version: the image is never a dead end
             older = p.last_readable_label(image_id)
             note = (f"The label file {label.path.name} cannot be read. Showing "
                     + (f"the last version that reads (round {older.round}, {older.source})" if older
                        else "an empty mask") + ": check it and accept (A) to save it again.")
-            shown = older.mask if older is not None else np.zeros((record.height, record.width), bool)
-            return ImageView(record, pixels, shown, [] if older is None else list(older.classes), label.id, draft,
-                             flags, pred, p.heatmap(image_id), note)
+            mask = older.mask if older is not None else np.zeros((record.height, record.width), bool)
+            classes = [] if older is None else list(older.classes)
         if draft is not None and mask is not None and np.array_equal(draft, mask):
             self.drop_draft(image_id)
             draft = None
-        return ImageView(record, pixels, mask, [] if label is None else list(label.classes),
-                         None if label is None else label.id, draft, flags, pred, p.heatmap(image_id))
+        return ImageView(record, pixels, mask, classes, None if label is None else label.id, draft, flags, pred,
+                         p.heatmap(image_id), note)
 
     def class_colours(self) -> dict[str, str]:
         return {c.name: c.colour for c in self.project.classes()}

@@ -102,13 +102,14 @@ def check_project(project: Project, variant: str = "both", folds: int = 3, schem
             f"the checkers need at least {need} pre-checked images, the project has {len(targets)}"
             f" ({waiting} still wait for a person's pre-check)")
     unreadable: list = []  # files moved, deleted or damaged since the import: neither trained on nor judged
-    images = {rec.id: img for rec, img in load_readable(project, targets, unreadable)}
+    loaded = load_readable(project, targets, unreadable)
+    images = {rec.id: img for rec, img in loaded}
     if len(images) < need:
         raise PipelineError(
             f"the checkers need at least {need} pre-checked images that can be read, the project has {len(images)}"
             f" ({len(unreadable)} cannot be read: {unreadable[0]})")
-    current = {i: project.current_label(i) for i in images}
-    labels = {i: current_mask(project.image(i), label) for i, label in current.items()}
+    current = {rec.id: project.current_label(rec.id) for rec, _ in loaded}
+    labels = {rec.id: current_mask(rec, current[rec.id]) for rec, _ in loaded}
     run = run_checkers(images, labels, n_models=folds, scheme=scheme, config=checker_config or CheckerConfig(),
                        seed=seed, on_progress=on_progress, cancel=cancel)
     # An image edited while the checkers trained is not judged on its old label: it stays
