@@ -1,5 +1,5 @@
 """Command line: ``annotator VERB ...``. Every verb calls the same headless function the GUI
-calls. Light verbs (init, import, labels, status, flags, export) never import torch."""
+calls. Light verbs (init, import, labels, relink, status, flags, export) never import torch."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,19 @@ def cmd_export(a) -> int:
     with _open(a.project) as p:
         summary = project_io.export_project(p, a.out, a.format)
     _print_json(summary)
+    return 0
+
+
+def cmd_relink(a) -> int:
+    from annotator.pipeline import project_io
+
+    bar = _Bar(a.quiet)
+    with _open(a.project) as p:
+        try:
+            report = project_io.relink(p, a.folder, every=a.all, on_progress=bar)
+        finally:
+            bar.close()
+    _print_json(report) if a.json else print(project_io.format_relink_report(report))
     return 0
 
 
@@ -320,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("flags", cmd_flags, "open flags of the latest check round, most suspicious first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="every flag of every round, resolved ones too")
+
+    p = verb("relink", cmd_relink, "find image files moved since the import and point the project at them")
+    p.add_argument("folder", nargs="?", help="where to look, recursively (default: the project folder)")
+    p.add_argument("--all", action="store_true",
+                   help="also move images whose old file still reads to the copy found here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
 
     p = verb("export", cmd_export, "export the labels")
     p.add_argument("out", help="output folder (or .json file for coco)")

@@ -7,7 +7,9 @@ Layout of a project folder::
     heatmaps/        anomaly heat maps, one compressed .npz per image
     models/          model folders, ``models/<method>/<run>/``
 
-Images are referenced, not copied: ``source`` is the absolute path of the original file.
+Images are referenced, not copied. The database keeps each file's path relative to the project
+folder when the file lies inside it (so a project copied or moved together with its images still
+finds them), else absolute; :class:`ImageRecord` ``source`` is always the absolute path.
 
 Safety: every database change runs in a transaction (:meth:`Project.transaction`); files
 are written to a temporary file in the same folder and moved into place with
@@ -70,7 +72,7 @@ CREATE TABLE classes (
 CREATE TABLE images (
     id            INTEGER PRIMARY KEY,
     rel_path      TEXT NOT NULL UNIQUE,          -- POSIX, relative to its import root
-    source        TEXT NOT NULL,                 -- absolute path of the original file
+    source        TEXT NOT NULL,                 -- the original file: relative to the project folder when inside it, else absolute
     width         INTEGER NOT NULL CHECK (width > 0),
     height        INTEGER NOT NULL CHECK (height > 0),
     sha256        TEXT NOT NULL,
@@ -384,7 +386,7 @@ class Project:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event, id)`` after each commit; returns an unsubscribe function.
 
-        Events: image_added, label_changed, state_changed, prediction_changed,
+        Events: image_added, image_moved, label_changed, state_changed, prediction_changed,
         flags_changed (id = image), round_changed (id = round), class_added,
         model_run_added (id = run), heatmap_changed (id = image).
         """
@@ -469,7 +471,7 @@ class Project:
             ident = self._write(
                 "INSERT INTO images(rel_path, source, width, height, sha256, role, state, added)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (rel_path, str(source), width, height, sha256, role, state, now()),
+                (rel_path, _stored_source(source, self.path), width, height, sha256, role, state, now()),
             )
             self._emit("image_added", ident)
         return ident
@@ -496,11 +498,11 @@ class Project:
         row = self._one("SELECT * FROM images WHERE id = ?", (image_id,))
         if row is None:
             raise ProjectError(f"no image with id {image_id} in the project")
-        return _image_record(row)
+        return _image_record(row, self.path)
 
     def image_by_path(self, rel_path: str) -> Optional[ImageRecord]:
         row = self._one("SELECT * FROM images WHERE rel_path = ?", (rel_path,))
-        return None if row is None else _image_record(row)
+        return None if row is None else _image_record(row, self.path)
 
     def images(self, role: Optional[str] = None, state: Optional[str] = None) -> list[ImageRecord]:
         sql, args = "SELECT * FROM images WHERE 1", []
@@ -508,7 +510,7 @@ class Project:
             sql, args = sql + " AND role = ?", args + [role]
         if state is not None:
             sql, args = sql + " AND state = ?", args + [state]
-        return [_image_record(r) for r in self._all(sql + " ORDER BY id", args)]
+        return [_image_record(r, self.path) for r in self._all(sql + " ORDER BY id", args)]
 
     def load_image(self, image_id: int) -> np.ndarray:
         """The original file as uint8 BGR (16-bit, alpha and grey converted; see
@@ -518,6 +520,19 @@ class Project:
             return images.load_image(img.source)
         except images.ImageError as exc:
             raise ProjectError(f"{img.rel_path}: {exc.reason} ({img.source})") from None
+
+    def set_source(self, image_id: int, source: Union[str, Path]) -> None:
+        """Point an image at its file's new place (moved or copied since the import). The file must hold
+        the same image: its SHA-256 is checked against the one recorded at the import."""
+        img = self.image(image_id)
+        source = Path(source).resolve()
+        _, _, digest = _probe_image(source)
+        if digest != img.sha256:
+            raise ProjectError(f"{img.rel_path}: {source} is a different file (its content differs from the "
+                               "imported one)")
+        with self.transaction():
+            self._write("UPDATE images SET source = ? WHERE id = ?", (_stored_source(source, self.path), image_id))
+            self._emit("image_moved", image_id)
 
     def set_prediction(self, image_id: int, anomaly_score: Optional[float], is_defect: Optional[bool]) -> None:
         """Model 1's image-level result."""
@@ -858,8 +873,21 @@ def _probe_image(source: Path) -> tuple[int, int, str]:
         raise ProjectError(f"{source}: cannot read file ({exc.strerror or exc})") from None
 
 
-def _image_record(r: sqlite3.Row) -> ImageRecord:
-    return ImageRecord(r["id"], r["rel_path"], r["source"], r["width"], r["height"], r["sha256"], r["role"],
+def _stored_source(source: Path, root: Path) -> str:
+    """How the database keeps an image's (resolved) path: POSIX, relative to the project folder ``root`` when
+    the file lies inside it (a project moved or copied with its images, such as the demo's, keeps them),
+    else absolute."""
+    try:
+        return source.relative_to(root).as_posix()
+    except ValueError:
+        return str(source)
+
+
+def _image_record(r: sqlite3.Row, root: Path) -> ImageRecord:
+    source = r["source"]
+    if not os.path.isabs(source):
+        source = str(root / source)
+    return ImageRecord(r["id"], r["rel_path"], source, r["width"], r["height"], r["sha256"], r["role"],
                        r["state"], r["anomaly_score"], None if r["is_defect"] is None else bool(r["is_defect"]),
                        r["added"])
 

@@ -81,6 +81,8 @@ ACTIONS: tuple[ActionSpec, ...] = (
     ActionSpec("file.save", "Save mask", "std:SP_DialogSaveButton", "Save the edited mask of this image now", "Project"),
     ActionSpec("file.import_good", "Add defect-free images…", "",
                "Add a folder of defect-free images: model 1 trains on these", "Project"),
+    ActionSpec("file.relink", "Find moved images…", "",
+               "Point the project at image files moved or copied since the import (matched by content)", "Project"),
     ActionSpec("file.export", "Export labels…", "std:SP_DriveFDIcon", "Export every image's label", "Project"),
     ActionSpec("file.quit", "Quit", "", "Save and close the app", "Project"),
     ActionSpec("help.cheat_sheet", "Keyboard shortcuts", "glyph:⌨",
@@ -91,7 +93,7 @@ TOOL_IDS = ("tool.pan", "tool.brush", "tool.eraser", "tool.polygon", "tool.fill"
 
 #: menu title -> action ids (None: separator); "@recent" marks the recent-projects submenu
 MENUS: dict[str, list] = {
-    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import_good", "file.export", None,
+    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import_good", "file.relink", "file.export", None,
                  "file.quit"],
     "&Edit": ["edit.undo", "edit.redo", None, "edit.delete_region", "edit.merge_regions"],
     "&Review": ["review.accept", "review.accept_prediction", "review.mark_good", None, "review.next",

@@ -141,6 +141,11 @@ class ThumbnailCache:
     def is_broken(self, image_id: int) -> bool:
         return image_id in self._broken
 
+    def retry(self, image_id: int) -> None:
+        """Make the thumbnail again on next use (the image's file was found in a new place)."""
+        self._broken.discard(image_id)
+        self._pixmaps.pop(image_id, None)
+
     def stop(self) -> None:
         self._timer.stop()
         self._wanted.clear()
@@ -391,6 +396,10 @@ class ImageBrowser(QWidget):
             self.model.thumbnails.stop()
         self.model.thumbnails = None
         self.model.set_rows([])
+
+    def retry_thumbnail(self, image_id: int) -> None:
+        if self.model.thumbnails is not None:
+            self.model.thumbnails.retry(image_id)
 
     def refresh(self, project: Project, image_ids: Optional[Iterable[int]] = None) -> None:
         if image_ids is None:

@@ -143,7 +143,7 @@ class MainWindow(QMainWindow):
             "view.actual_size": lambda: self.canvas.zoom_to(1.0),
             "jobs.prelabel": self.run_prelabel, "jobs.check": self.run_check, "jobs.cancel": self.cancel_jobs,
             "file.new": self.new_project, "file.open": self.choose_project, "file.save": self.save_current,
-            "file.import_good": self.import_good, "file.export": self.export, "file.quit": self.close,
+            "file.import_good": self.import_good, "file.relink": self.relink, "file.export": self.export, "file.quit": self.close,
             "help.cheat_sheet": self.show_cheat_sheet,
         }
         for ident in A.TOOL_IDS:
@@ -237,6 +237,34 @@ class MainWindow(QMainWindow):
             self.show_error("Some files were not imported", "\n".join(skipped[:20]) + (
                 f"\n… and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
         self._refresh_now(full=True)
+
+    def relink(self, folder: Optional[str] = None) -> Optional[Job]:
+        """Find image files moved since the import under ``folder`` (asked for when not given)."""
+        if self.session is None:
+            return None
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Folder that holds the moved images",
+                                                      self.remembered.last_dir())
+            if not folder:
+                return None
+        return self._start(Job("Finding moved images", self.session.relink_fn(folder)), self._relinked)
+
+    def _relinked(self, report: dict) -> None:
+        self.last_result = report
+        from annotator.pipeline.project_io import format_relink_report
+
+        n, found = report["looked_for"], len(report["relinked"])
+        self.statusBar().showMessage(
+            "Every image file is where the project expects it." if not n else
+            f"{found} of {n} image{'' if n == 1 else 's'} found under {report['folder']}.", 15000)
+        if report["missing"]:
+            lines = format_relink_report(report).splitlines()
+            self.show_error(f"{len(report['missing'])} images are still missing",
+                            "\n".join(lines[:25]) + (f"\n… and {len(lines) - 25} more" if len(lines) > 25 else ""))
+        self._refresh_now(full=True)
+        target = self.current_id or self.queue.neighbour(None, 1)
+        if found and not self.dirty and target is not None:
+            self.show_image(target)
 
     def _image_exists(self, image_id: int) -> bool:
         try:
@@ -529,6 +557,8 @@ class MainWindow(QMainWindow):
     # ================================================================ store events and refresh
 
     def _on_store_event(self, event: str, ident: int) -> None:
+        if event == "image_moved":
+            self.browser.retry_thumbnail(ident)
         if event in ("image_added", "round_changed", "class_added"):
             self._full_refresh = True
         elif ident >= 0:
@@ -577,7 +607,7 @@ class MainWindow(QMainWindow):
         flag = self._prediction_flag()  # the button's name follows the flag: checker mask or cross-check suggestion
         self.actions["review.accept_prediction"].setEnabled(flag is not None)
         A.retitle(self.actions["review.accept_prediction"], *A.prediction_wording(flag.rule if flag else None))
-        for ident in ("jobs.prelabel", "jobs.check", "file.export", "file.import_good"):
+        for ident in ("jobs.prelabel", "jobs.check", "file.export", "file.import_good", "file.relink"):
             self.actions[ident].setEnabled(has_project and not busy)
         self.actions["jobs.cancel"].setEnabled(busy)
         self.canvas_stack.setCurrentWidget(self.canvas if has_image else self.empty_canvas)

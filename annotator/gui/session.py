@@ -204,6 +204,14 @@ class ProjectSession(QObject):
 
         return self._in_worker(body)
 
+    def relink_fn(self, folder: str):
+        def body(project, on_progress, cancel):
+            from annotator.pipeline.project_io import relink
+
+            return relink(project, folder, on_progress=on_progress, cancel=cancel)
+
+        return self._in_worker(body)
+
     def import_fn(self, sources: list[tuple[str, str]]):
         """``sources``: (kind, folder) with kind ``mvtec`` (train/good -> defect-free,
         test/** -> to label), ``label`` or ``good`` (a plain folder of images)."""

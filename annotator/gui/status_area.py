@@ -35,7 +35,8 @@ def _unread(r: Mapping) -> str:
     if not lost:
         return ""
     n = len(lost)
-    return f" {n} image{'' if n == 1 else 's'} could not be read and {'was' if n == 1 else 'were'} left out: {lost[0]}"
+    return (f" {n} image{'' if n == 1 else 's'} could not be read and {'was' if n == 1 else 'were'} left out: {lost[0]}"
+            " (moved? Project → Find moved images…)")
 
 
 def describe_result(kind: str, r: Mapping) -> str:

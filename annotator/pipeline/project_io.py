@@ -1,12 +1,13 @@
 """Light verbs: import, labels, status, flags, export. No torch here (checked by a test)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 from annotator.core import formats as F
 from annotator.core.flag_text import flag_reason
-from annotator.core.images import ImageError, load_mask
+from annotator.core.images import ImageError, load_mask, sha256_file
 from annotator.core.jobs import CancelToken, ProgressFn, no_progress
 from annotator.core.review import Review
 from annotator.core.store import Project, ProjectError
@@ -156,6 +157,88 @@ def format_import_report(report: dict) -> str:
         lines.append(f"  identical files: {', '.join(group)}")
     for rel in report.get("unmatched_masks", []):
         lines.append(f"  mask matches no image: {rel}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- images moved since the import
+
+
+def relink(project: Project, folder=None, every: bool = False, on_progress: ProgressFn = no_progress,
+           cancel: Optional[CancelToken] = None) -> dict:
+    """Find image files moved since the import under ``folder`` (default: the project folder) and point
+    the project at them. Only files with the imported content count (SHA-256), so a file of the same name
+    is never taken for another. Candidates, best first: ``folder/<rel_path>``, then files of the same name
+    whose folders match more of the old path. ``every``: also images whose old file still reads (a copy
+    moved to a new disk). Returns ``{"folder", "looked_for", "relinked": [[path, file]], "missing": [path],
+    "different": [[path, file]]}``."""
+    folder = Path(folder if folder is not None else project.path).resolve()
+    if not folder.is_dir():
+        raise PipelineError(f"no folder at {folder}")
+    wanted = [img for img in project.images() if every or not Path(img.source).is_file()]
+    report: dict = {"folder": str(folder), "looked_for": len(wanted), "relinked": [], "missing": [],
+                    "different": []}
+    if not wanted:
+        return report
+    names = {Path(img.source).name for img in wanted} | {Path(img.rel_path).name for img in wanted}
+    by_name: dict[str, list[Path]] = {}
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if f in names:
+                by_name.setdefault(f, []).append(Path(dirpath) / f)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+    digests: dict[Path, Optional[str]] = {}
+
+    def digest(path: Path) -> Optional[str]:
+        if path not in digests:
+            try:
+                digests[path] = sha256_file(path)
+            except OSError:
+                digests[path] = None
+        return digests[path]
+
+    for n, img in enumerate(wanted):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        on_progress(n, len(wanted), "looking for moved images")
+        old = Path(img.source)
+        candidates = [folder / img.rel_path] if (folder / img.rel_path).is_file() else []
+        for name in dict.fromkeys((old.name, Path(img.rel_path).name)):
+            same = sorted(by_name.get(name, []), key=lambda c: (-_common_tail(c, old), str(c)))
+            candidates += [c for c in same if c not in candidates]
+        found = next((c for c in candidates if digest(c) == img.sha256), None)
+        if found is None:
+            report["missing"].append(img.rel_path)
+            if candidates:
+                report["different"].append([img.rel_path, str(candidates[0])])
+        elif found != old:
+            project.set_source(img.id, found)
+            report["relinked"].append([img.rel_path, str(found)])
+    on_progress(len(wanted), len(wanted), "looking for moved images")
+    return report
+
+
+def _common_tail(a: Path, b: Path) -> int:
+    """How many trailing path parts (file name included) ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(reversed(a.parts), reversed(b.parts)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def format_relink_report(report: dict) -> str:
+    n, moved, missing = report["looked_for"], report["relinked"], report["missing"]
+    if not n:
+        return "every image file is where the project expects it"
+    lines = [f"{len(moved)} of {n} images found under {report['folder']}"]
+    lines += [f"  {rel} -> {path}" for rel, path in moved]
+    different = dict(map(tuple, report["different"]))
+    for rel in missing:
+        why = f" ({different[rel]} has the name but other content)" if rel in different else ""
+        lines.append(f"  still missing: {rel}{why}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ def test_a_check_summary_names_the_flags_not_sent_back():
 def test_status_bar_names_images_that_could_not_be_read():
     lost = ["test/hole/003.png: file not found (/data/test/hole/003.png)"]
     pre = describe_result("prelabel", {"prelabelled": 9, "defective": 4, "unreadable": lost})
-    assert pre.endswith("1 image could not be read and was left out: " + lost[0])
+    assert pre.endswith("1 image could not be read and was left out: " + lost[0] + " (moved? Project → Find moved images…)")
     chk = describe_result("check", {"round": 2, "flagged": 1, "accepted": 8, "unreadable": lost * 2})
     assert "2 images could not be read and were left out" in chk
     exp = describe_result("export", {"images": 5, "defective": 2, "regions": 3, "out": "/o", "skipped": 1,

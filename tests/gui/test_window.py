@@ -246,6 +246,32 @@ def test_an_unreadable_image_shows_an_error_and_the_app_keeps_working(qtbot, win
     assert window.show_image(fine.id) and window.current_id == fine.id
 
 
+def test_images_moved_since_the_import_are_found_again_from_the_project_menu(qtbot, window, fabric, tmp_path):
+    from annotator.gui.browser import FILTERS
+
+    shutil.copytree(fabric, tmp_path / "incoming")
+    with Project.create(tmp_path / "own-proj") as p:
+        project_io.import_mvtec(p, tmp_path / "incoming")
+        first = p.images(role="label")[0]
+    shutil.move(str(tmp_path / "incoming"), str(tmp_path / "archive"))
+    window.open_project(tmp_path / "own-proj")
+    with qtbot.waitSignal(window.error_shown):
+        assert not window.show_image(first.id)
+    browser, thumbs = window.browser, window.browser.model.thumbnails
+    window.left_tabs.setCurrentWidget(browser)
+    browser.filter.setCurrentIndex([label for label, _ in FILTERS].index("Defect-free (training)"))
+    qtbot.waitUntil(lambda: thumbs.is_broken(window.session.project.images(role="good")[0].id), timeout=30_000)
+    assert window.actions["file.relink"].isEnabled()
+    report = run_job(qtbot, window, lambda: window.relink(str(tmp_path / "archive")))
+    assert len(report["relinked"]) == report["looked_for"] == 18 and not report["missing"]
+    assert "18 of 18 images found" in window.statusBar().currentMessage()
+    assert window.show_image(first.id) and window.canvas.image_id() == first.id
+    good = window.session.project.images(role="good")[0]
+    assert good.source.startswith(str(tmp_path / "archive"))
+    qtbot.waitUntil(lambda: not thumbs.is_broken(good.id) and thumbs.pixmap(
+        browser.model.data(browser.model.index(0), Qt.ItemDataRole.UserRole)) is not None, timeout=30_000)
+
+
 def test_a_damaged_label_file_shows_the_last_version_that_reads_and_saves_it_again(qtbot, window, project_dir):
     """The current label's mask file is damaged: the image still opens, with the previous version as an
     edit and a note; saving records a new version whose file reads, and the export works again."""

@@ -367,3 +367,91 @@ def test_a_second_batch_with_the_same_file_names_goes_under_a_prefix(tmp_path, m
         for bad in ("../up", "/abs", "..", "C:/x"):
             with pytest.raises(PipelineError, match="--prefix"):
                 project_io.import_folder(p, second, prefix=bad)
+
+
+def test_a_project_moved_with_its_images_inside_still_finds_them(tmp_path, mvtec):
+    import shutil
+
+    proj = tmp_path / "p"
+    with Project.create(proj) as p:
+        shutil.copytree(mvtec, proj / "data")
+        project_io.import_mvtec(p, proj / "data")
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        cv2.imwrite(str(outside / "x.png"), np.full((24, 24, 3), 90, np.uint8))
+        project_io.import_folder(p, outside, prefix="more")
+    moved = tmp_path / "copied" / "p2"
+    shutil.move(str(proj), str(moved))
+    with Project.open(moved) as p:
+        for img in p.images():
+            assert p.load_image(img.id).shape[:2] == (img.height, img.width)
+        assert p.image_by_path("test/hole/000.png").source == str(moved / "data/test/hole/000.png")
+        assert p.image_by_path("more/x.png").source == str(outside / "x.png")  # outside: kept where it lies
+        assert project_io.relink(p)["looked_for"] == 0
+
+
+def test_relink_finds_moved_images_by_content_and_never_takes_another_file(tmp_path, mvtec):
+    import shutil
+
+    src = tmp_path / "incoming"
+    shutil.copytree(mvtec, src)
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, src)
+        hole = p.image_by_path("test/hole/000.png")
+        # the images move to a new disk, one of them into another folder; a file of another image takes a
+        # lost file's name
+        new = tmp_path / "disk2" / "fabric"
+        shutil.move(str(src), str(new))
+        (new / "test/stain/000.png").rename(new / "test/stain/renamed.png")
+        (new / "test/hole/000.png").rename(new / "000.png")
+        shutil.copy(new / "test/mis_yarn/000.png", new / "test/stain/000.png")
+        (new / "000.png").rename(tmp_path / "disk2" / "000.png")
+        with pytest.raises(Exception, match="different file"):
+            p.set_source(hole.id, new / "test/stain/000.png")
+        report = project_io.relink(p, tmp_path / "disk2")
+        assert report["looked_for"] == 8
+        relinked = dict(report["relinked"])
+        assert relinked["test/hole/000.png"] == str(tmp_path / "disk2" / "000.png")  # found by name and content
+        assert relinked["train/good/000.png"] == str(new / "train/good/000.png")
+        assert report["missing"] == ["test/stain/000.png"]  # renamed: not found; the same-named file differs
+        assert report["different"] == [["test/stain/000.png", str(new / "test/stain/000.png")]]
+        assert len(relinked) == 7
+        assert np.array_equal(p.load_image(hole.id), cv2.imread(str(tmp_path / "disk2" / "000.png")))
+        text = project_io.format_relink_report(report)
+        assert "7 of 8 images found" in text and "still missing: test/stain/000.png" in text
+        assert project_io.relink(p, tmp_path / "disk2")["looked_for"] == 1  # only the one still missing
+        # --all moves images that still read to copies under the folder
+        copy = tmp_path / "copy"
+        shutil.copytree(new, copy)
+        again = project_io.relink(p, copy, every=True)
+        assert dict(again["relinked"])["train/good/000.png"] == str(copy / "train/good/000.png")
+    with pytest.raises(PipelineError, match="no folder"):
+        with Project.open(tmp_path / "p") as p:
+            project_io.relink(p, tmp_path / "nowhere")
+
+
+def test_relink_repairs_a_project_that_kept_absolute_paths_inside_its_folder(tmp_path, mvtec):
+    """Projects before relative paths (the demo's among them) kept absolute paths of files inside the
+    project folder: moved, they need one ``annotator relink P``, which looks in the project folder."""
+    import shutil
+    import sqlite3
+
+    proj = tmp_path / "old"
+    with Project.create(proj) as p:
+        shutil.copytree(mvtec, proj / "data")
+        project_io.import_mvtec(p, proj / "data")
+    db = sqlite3.connect(proj / "project.sqlite")
+    db.execute("UPDATE images SET source = ? || '/' || source", (str(proj),))
+    db.commit()
+    db.close()
+    shutil.move(str(proj), str(tmp_path / "new"))
+    r = run_cli("relink", tmp_path / "new")
+    assert r.returncode == 0, r.stderr
+    assert "8 of 8 images found under" in r.stdout
+    with Project.open(tmp_path / "new") as p:
+        assert all(p.load_image(i.id) is not None for i in p.images())
+    raw = sqlite3.connect(tmp_path / "new" / "project.sqlite").execute("SELECT source FROM images").fetchall()
+    assert {s for (s,) in raw} == {f"data/{i}" for i in ["train/good/000.png", "train/good/001.png",
+                                                         "train/good/002.png", "test/good/000.png",
+                                                         "test/good/001.png", "test/hole/000.png",
+                                                         "test/mis_yarn/000.png", "test/stain/000.png"]}
