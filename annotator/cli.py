@@ -1,5 +1,6 @@
 """Command line: ``annotator VERB ...``. Every verb calls the same headless function the GUI
-calls. Light verbs (init, import, labels, relink, status, flags, export) never import torch."""
+calls. Light verbs (init, import, labels, remove, role, relink, status, flags,
+export) never import torch."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +159,43 @@ def cmd_export(a) -> int:
     with _open(a.project) as p:
         summary = project_io.export_project(p, a.out, a.format)
     _print_json(summary)
+    return 0
+
+
+def cmd_remove(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        report = project_io.remove_images(p, a.paths, dry_run=not a.yes)
+    if a.json:
+        _print_json(report)
+    else:
+        n, kept = len(report["removed"]), set(report["person_labelled"])
+        verb = "would remove" if report["dry_run"] else "removed"
+        print(f"{verb} {n} image{'' if n == 1 else 's'}" + (f", {len(kept)} with a label a person made" if kept else ""))
+        for rel in report["removed"]:
+            print(f"  {rel}" + ("  (labelled by a person)" if rel in kept else ""))
+    if report["dry_run"]:
+        print("nothing removed: run again with --yes to remove them (their files stay where they are)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_role(a) -> int:
+    from annotator.pipeline import project_io
+
+    with _open(a.project) as p:
+        report = project_io.set_roles(p, a.paths, "good" if a.good else "label")
+    if a.json:
+        _print_json(report)
+    else:
+        n = len(report["changed"])
+        what = "defect-free (model 1 trains on them)" if report["role"] == "good" else "to label"
+        print(f"{n} image{'' if n == 1 else 's'} now {what}" + (
+            f" ({len(report['unchanged'])} already were)" if report["unchanged"] else ""))
+        if report["changed"]:
+            print("model 1 learns this at its next fit: run `annotator prelabel`")
     return 0
 
 
@@ -333,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("flags", cmd_flags, "open flags of the latest check round, most suspicious first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--all", action="store_true", help="every flag of every round, resolved ones too")
+
+    p = verb("remove", cmd_remove, "take images out of the project, with their labels and flags (files stay)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image path as `annotator status` lists it, a glob ('batch-02/*') or a folder ('batch-02/')")
+    p.add_argument("--yes", action="store_true", help="remove them (without it: only list what would go)")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("role", cmd_role, "make images defect-free training images for model 1, or images to label")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="as for `remove`: a path, a glob or a folder/")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--good", action="store_true", help="defect-free: model 1 trains on them")
+    which.add_argument("--to-label", action="store_true", help="to label: pre-labelled and reviewed")
+    p.add_argument("--json", action="store_true")
 
     p = verb("relink", cmd_relink, "find image files moved since the import and point the project at them")
     p.add_argument("folder", nargs="?", help="where to look, recursively (default: the project folder)")

@@ -234,6 +234,29 @@ class Review:
             p.set_state(image_id, new)
         return label
 
+    # ---- roles
+
+    def set_role(self, image_id: int, role: str) -> None:
+        """Make an image a defect-free training image for model 1 (``good``) or one to label (``label``,
+        state ``new``: pre-label it again). Refused for ``good`` when :meth:`why_not_good` says so. Label
+        versions are kept either way."""
+        if role == "good":
+            why = self.why_not_good(image_id)
+            if why:
+                raise ReviewError(why)
+        self.project.set_role(image_id, role)
+
+    def why_not_good(self, image_id: int) -> Optional[str]:
+        """Why the image cannot become a good training image, or None. Its current label, drawn or kept by a
+        person (or imported), marks a defect: model 1 would learn that defect as good fabric. Model 1's own
+        pre-label does not stop it: the person overrules it."""
+        img = self._image(image_id)
+        label = self.project.current_label(image_id)
+        if img.role != "good" and label is not None and label.source != "model1" and label.area > 0:
+            return (f"{img.rel_path}: its label marks a defect ({label.area} px); mark it defect-free first if "
+                    "model 1 should learn it as good fabric")
+        return None
+
     # ---- check rounds (model 2)
 
     def start_check_round(self) -> int:

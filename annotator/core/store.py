@@ -386,7 +386,7 @@ class Project:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event, id)`` after each commit; returns an unsubscribe function.
 
-        Events: image_added, image_moved, label_changed, state_changed, prediction_changed,
+        Events: image_added, image_moved, image_removed (id None), role_changed, label_changed, state_changed, prediction_changed,
         flags_changed (id = image), round_changed (id = round), class_added,
         model_run_added (id = run), heatmap_changed (id = image).
         """
@@ -533,6 +533,39 @@ class Project:
         with self.transaction():
             self._write("UPDATE images SET source = ? WHERE id = ?", (_stored_source(source, self.path), image_id))
             self._emit("image_moved", image_id)
+
+    def set_role(self, image_id: int, role: str) -> None:
+        """Low level: make the image a good training image (state ``good``) or one to label (state ``new``).
+        Model 1's image result and the image's open flags are dropped (they judged it in its old role); its
+        label versions stay. Use :meth:`annotator.core.review.Review.set_role`, which checks the label."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        img = self.image(image_id)
+        if img.role == role:
+            return
+        with self.transaction():
+            self._write("UPDATE images SET role = ?, state = ?, anomaly_score = NULL, is_defect = NULL WHERE id = ?",
+                        (role, "good" if role == "good" else "new", image_id))
+            self.resolve_flags(image_id)
+            self._emit("role_changed", image_id)
+        (self.path / "heatmaps" / f"{image_id}.npz").unlink(missing_ok=True)
+
+    def remove_images(self, image_ids: Iterable[int]) -> int:
+        """Take images out of the project with everything recorded about them (label versions, flags,
+        round coverage, heat map). Their files, wherever they lie, are not touched. Returns how many."""
+        ids = sorted({self.image(i).id for i in image_ids})
+        if not ids:
+            return 0
+        # Heat maps first: an image id can be given again to a later import, which must not inherit one. A
+        # heat map is model output (the next pre-label writes it again), never a person's work.
+        for i in ids:
+            (self.path / "heatmaps" / f"{i}.npz").unlink(missing_ok=True)
+        with self.transaction():
+            for i in ids:
+                # flags resolved by a label of another image cannot exist; those of this image go with it
+                self._write("DELETE FROM images WHERE id = ?", (i,))
+            self._emit("image_removed", None)
+        return len(ids)
 
     def set_prediction(self, image_id: int, anomaly_score: Optional[float], is_defect: Optional[bool]) -> None:
         """Model 1's image-level result."""

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
 
 import cv2
-from PySide6.QtCore import QAbstractListModel, QModelIndex, QRect, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QAbstractListModel, QModelIndex, QPoint, QRect, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QPainter, QPen, QPixmap
-from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QListView, QStyle, QStyledItemDelegate,
-                               QStyleOptionViewItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QListView, QMenu, QStyle,
+                               QStyledItemDelegate, QStyleOptionViewItem, QVBoxLayout, QWidget)
 
 from annotator.core.images import ImageError, load_image, save_png_atomic
 from annotator.core.store import Project
@@ -345,9 +345,13 @@ class ImageRowDelegate(QStyledItemDelegate):
 
 
 class ImageBrowser(QWidget):
-    """Filter + sort bar over the image list. ``image_activated(id)`` when one is chosen."""
+    """Filter + sort bar over the image list. ``image_activated(id)`` when one is chosen. Its context menu
+    (right click; Ctrl / Shift + click choose several) asks for ``role_requested(ids, role)`` and
+    ``remove_requested(ids)``."""
 
     image_activated = Signal(int)
+    role_requested = Signal(list, str)
+    remove_requested = Signal(list)
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
@@ -368,6 +372,9 @@ class ImageBrowser(QWidget):
         self.view.setUniformItemSizes(True)
         self.view.setMouseTracking(True)
         self.view.setVerticalScrollMode(QListView.ScrollMode.ScrollPerPixel)
+        self.view.setSelectionMode(QListView.SelectionMode.ExtendedSelection)
+        self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.view.customContextMenuRequested.connect(self._context_menu)
         self.view.clicked.connect(self._activated)
         self.view.activated.connect(self._activated)
         bar = QHBoxLayout()
@@ -425,6 +432,37 @@ class ImageBrowser(QWidget):
         image_id = index.data(ImageIdRole)
         if image_id is not None:
             self.image_activated.emit(int(image_id))
+
+    def selected_rows(self) -> list[BrowserRow]:
+        rows = [i.data(Qt.ItemDataRole.UserRole) for i in self.view.selectionModel().selectedIndexes()]
+        return sorted((r for r in rows if r is not None), key=lambda r: r.id)
+
+    def context_menu(self, at: Optional[QModelIndex] = None) -> Optional[QMenu]:
+        """The menu for the selected rows (the row at ``at`` alone when it is not among them)."""
+        if at is not None and at.isValid() and not self.view.selectionModel().isSelected(at):
+            self.view.selectionModel().select(at, self.view.selectionModel().SelectionFlag.ClearAndSelect)
+        rows = self.selected_rows()
+        if not rows:
+            return None
+        ids, n = [r.id for r in rows], len(rows)
+        menu = QMenu(self)
+        to_good = [r.id for r in rows if r.state != "good"]
+        to_label = [r.id for r in rows if r.state == "good"]
+        for chosen, role, text in ((to_good, "good", "Defect-free: train model 1 on {}"),
+                                   (to_label, "label", "To label: stop training model 1 on {}")):
+            if chosen:
+                k = len(chosen)
+                what = ("it" if k == 1 else "them") + ("" if k == n else f" ({k} of the {n})")
+                menu.addAction(text.format(what), lambda c=chosen, r=role: self.role_requested.emit(c, r))
+        menu.addSeparator()
+        menu.addAction("Remove from the project…" if n == 1 else f"Remove these {n} images from the project…",
+                       lambda: self.remove_requested.emit(ids))
+        return menu
+
+    def _context_menu(self, pos: QPoint) -> None:
+        menu = self.context_menu(self.view.indexAt(pos))
+        if menu is not None:
+            menu.exec(self.view.viewport().mapToGlobal(pos))
 
     def _view_changed(self) -> None:
         self.model.set_view(self.filter.currentData(), self.sort.currentText(), self.search.text())

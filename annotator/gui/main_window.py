@@ -104,6 +104,8 @@ class MainWindow(QMainWindow):
         self.queue.image_activated.connect(self.show_image)
         self.browser = ImageBrowser(self)
         self.browser.image_activated.connect(self.show_image)
+        self.browser.role_requested.connect(self.set_role)
+        self.browser.remove_requested.connect(self.remove_images)
         self.left_tabs = QTabWidget(self)
         self.left_tabs.addTab(self.queue, "To do")
         self.left_tabs.addTab(self.browser, "All images")
@@ -265,6 +267,70 @@ class MainWindow(QMainWindow):
         target = self.current_id or self.queue.neighbour(None, 1)
         if found and not self.dirty and target is not None:
             self.show_image(target)
+
+    def set_role(self, image_ids: list, role: str) -> bool:
+        """Make images defect-free training images for model 1 (``good``) or images to label (``label``)."""
+        from annotator.pipeline.project_io import set_roles
+
+        if not self._may_change_images() or not self.save_current():
+            return False
+        project = self.session.project
+        try:
+            report = set_roles(project, [project.image(i).rel_path for i in image_ids], role)
+        except (PipelineError, ProjectError) as exc:
+            self.show_error("The images keep their role", str(exc))
+            return False
+        n = len(report["changed"])
+        self.statusBar().showMessage(
+            f"{n} image{'' if n == 1 else 's'} now " + ("defect-free: model 1 trains on them" if role == "good" else
+                                                         "to label") + " from the next pre-label (Ctrl+Shift+L).", 15000)
+        self._refresh_now(full=True)
+        if self.current_id in image_ids:
+            self.show_image(self.current_id)
+        return True
+
+    def remove_images(self, image_ids: list) -> int:
+        """Take images out of the project, after asking; their files stay where they are."""
+        from annotator.pipeline.project_io import remove_images
+
+        if not self._may_change_images():
+            return 0
+        project = self.session.project
+        paths = [project.image(i).rel_path for i in image_ids]
+        what = remove_images(project, paths, dry_run=True)
+        n, made = len(paths), len(what["person_labelled"])
+        listed = "\n".join(paths[:12]) + (f"\n… and {n - 12} more" if n > 12 else "")
+        text = (f"{listed}\n\n" + (f"{made} of them carry a label a person made; it goes with them.\n" if made else "")
+                + "Their label versions, flags and heat maps leave the project. The image files stay where they are; "
+                  "import them again to bring them back (without their labels).")
+        if not self.confirm(f"Remove {n} image{'' if n == 1 else 's'} from the project?", text):
+            return 0
+        if self.current_id in image_ids:  # its unsaved edit goes with it
+            self.dirty, self.current_id = False, None
+            self._draft_timer.stop()
+        for i in image_ids:
+            self.history.forget(i)
+            self.session.drop_draft(i)
+        removed = len(remove_images(project, paths)["removed"])
+        self.statusBar().showMessage(f"Removed {removed} image{'' if removed == 1 else 's'} from the project.", 15000)
+        self._refresh_now(full=True)
+        self._update_enabled()
+        return removed
+
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask a yes / no question (No is the default)."""
+        answer = QMessageBox.question(self, title, text, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _may_change_images(self) -> bool:
+        if self.session is None:
+            return False
+        if self.jobs.busy("pipeline"):
+            self.show_error("A job is running", f"{self.jobs.running('pipeline')[0].name} is still running; change "
+                                                "images when it has finished.")
+            return False
+        return True
 
     def _image_exists(self, image_id: int) -> bool:
         try:
@@ -559,7 +625,7 @@ class MainWindow(QMainWindow):
     def _on_store_event(self, event: str, ident: int) -> None:
         if event == "image_moved":
             self.browser.retry_thumbnail(ident)
-        if event in ("image_added", "round_changed", "class_added"):
+        if event in ("image_added", "image_removed", "round_changed", "class_added"):
             self._full_refresh = True
         elif ident >= 0:
             self._changed.add(ident)

@@ -13,8 +13,8 @@ class PipelineError(Exception):
 def load_readable(project, records, unreadable: list) -> list:
     """``(record, image)`` for each record whose file still reads. The others (moved, deleted or damaged
     since the import) go to ``unreadable`` as one line each, naming the file and the reason, and the work
-    goes on without them: one lost file out of thousands must not stop a pre-label or check run (the
-    project has no verb to drop an image, so a stop would last until the file is back)."""
+    goes on without them: one lost file out of thousands must not stop a pre-label or check run
+    (``annotator relink`` finds moved ones again, ``annotator remove`` takes lost ones out)."""
     from annotator.core.store import ProjectError
 
     out = []

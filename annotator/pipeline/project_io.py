@@ -1,6 +1,7 @@
 """Light verbs: import, labels, status, flags, export. No torch here (checked by a test)."""
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 from typing import Optional
@@ -158,6 +159,71 @@ def format_import_report(report: dict) -> str:
     for rel in report.get("unmatched_masks", []):
         lines.append(f"  mask matches no image: {rel}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- choosing images: remove, role
+
+
+def select_images(project: Project, patterns) -> list:
+    """The images whose path matches one of ``patterns``: an exact path (``test/hole/003.png``), a glob
+    (``batch-02/*``, ``*/stain/*``; ``*`` also crosses ``/``) or a folder (``batch-02/``: everything under
+    it). A pattern that matches nothing is an error, so a typing slip does not pass silently."""
+    images = project.images()
+    chosen: dict[int, object] = {}
+    by_path = {i.rel_path: i for i in images}
+    for pat in map(str, patterns):
+        if pat in by_path:  # first, so that a file named 'a[1].png' is itself, not a glob
+            hits = [by_path[pat]]
+        elif pat.endswith("/"):
+            hits = [i for i in images if i.rel_path.startswith(pat)]
+        else:
+            hits = [i for i in images if fnmatch.fnmatchcase(i.rel_path, pat)]
+        if not hits:
+            raise PipelineError(f"no image in the project matches {pat!r} (paths as `annotator status` lists them)")
+        chosen.update((i.id, i) for i in hits)
+    return sorted(chosen.values(), key=lambda i: i.id)
+
+
+def _person_labelled(project: Project, img) -> bool:
+    label = project.current_label(img.id)
+    return label is not None and label.source != "model1"
+
+
+def remove_images(project: Project, patterns, dry_run: bool = False) -> dict:
+    """Take the matching images out of the project with their labels, flags and heat maps (the image files
+    stay where they are). ``dry_run``: only say what would go. Returns ``{"removed": [path],
+    "person_labelled": [path], "dry_run"}``; ``person_labelled`` are those whose current label a person drew,
+    kept or imported: work that goes with them."""
+    chosen = select_images(project, patterns)
+    report = {"removed": [i.rel_path for i in chosen], "dry_run": dry_run,
+              "person_labelled": [i.rel_path for i in chosen if _person_labelled(project, i)]}
+    if not dry_run:
+        project.remove_images([i.id for i in chosen])
+    return report
+
+
+def set_roles(project: Project, patterns, role: str) -> dict:
+    """Make the matching images good training images (``role`` "good") or images to label ("label"), in one
+    transaction: if one is refused (a label that marks a defect cannot become good fabric), none changes.
+    Returns ``{"role", "changed": [path], "unchanged": [path]}``. Model 1 learns the new roles at its next
+    fit (``annotator prelabel``)."""
+    if role not in (F.ROLE_GOOD, F.ROLE_LABEL):
+        raise PipelineError(f"role must be {F.ROLE_GOOD!r} or {F.ROLE_LABEL!r}, got {role!r}")
+    chosen = select_images(project, patterns)
+    review = Review(project)
+    refused = [why for why in (review.why_not_good(i.id) for i in chosen if role == F.ROLE_GOOD) if why]
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise PipelineError(f"nothing changed: {refused[0]}{more}")
+    report: dict = {"role": role, "changed": [], "unchanged": []}
+    with project.transaction():
+        for img in chosen:
+            if img.role == role:
+                report["unchanged"].append(img.rel_path)
+                continue
+            review.set_role(img.id, role)
+            report["changed"].append(img.rel_path)
+    return report
 
 
 # ---------------------------------------------------------------- images moved since the import

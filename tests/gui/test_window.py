@@ -272,6 +272,37 @@ def test_images_moved_since_the_import_are_found_again_from_the_project_menu(qtb
         browser.model.data(browser.model.index(0), Qt.ItemDataRole.UserRole)) is not None, timeout=30_000)
 
 
+def test_the_browser_menu_changes_roles_and_removes_images_after_asking(qtbot, window, project_dir, monkeypatch):
+    window.open_project(project_dir)
+    browser, project = window.browser, window.session.project
+    goods = [i.id for i in project.images(role="good")][:2]
+    hole = project.image_by_path("test/hole/000.png")
+    assert window.show_image(hole.id)
+    sel = browser.view.selectionModel()
+    for i in goods + [hole.id]:
+        sel.select(browser.model.index(browser.model.row_of(i)), sel.SelectionFlag.Select)
+    menu = browser.context_menu()
+    texts = [a.text() for a in menu.actions() if a.text()]
+    assert texts == ["Defect-free: train model 1 on it (1 of the 3)", "To label: stop training model 1 on them (2 of the 3)",
+                     "Remove these 3 images from the project…"]
+    menu.actions()[1].trigger()  # the two training images become images to label
+    assert {project.image(i).state for i in goods} == {"new"} and "2 images now to label" in \
+        window.statusBar().currentMessage()
+    # a person's label that marks a defect never becomes good fabric
+    window.canvas.replace_mask(np.pad(np.ones((6, 6), bool), ((10, 48), (10, 48))))
+    with qtbot.waitSignal(window.error_shown) as sig:
+        assert not window.set_role([hole.id], "good")
+    assert "marks a defect" in sig.args[0] and project.image(hole.id).role == "label"
+    asked = []
+    monkeypatch.setattr(window, "confirm", lambda title, text: asked.append((title, text)) or len(asked) > 1)
+    assert window.remove_images([hole.id] + goods) == 0  # "No": nothing goes
+    assert asked[0][0] == "Remove 3 images from the project?" and "1 of them carry a label a person made" in asked[0][1]
+    assert len(project.images()) == 18 and window.current_id == hole.id
+    assert window.remove_images([hole.id] + goods) == 3
+    assert len(project.images()) == 15 and browser.model.all_count() == 15 and window.current_id is None
+    assert not window.actions["review.accept"].isEnabled() and project.problems() == []
+
+
 def test_a_damaged_label_file_shows_the_last_version_that_reads_and_saves_it_again(qtbot, window, project_dir):
     """The current label's mask file is damaged: the image still opens, with the previous version as an
     edit and a note; saving records a new version whose file reads, and the export works again."""

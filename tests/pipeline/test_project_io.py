@@ -455,3 +455,83 @@ def test_relink_repairs_a_project_that_kept_absolute_paths_inside_its_folder(tmp
                                                          "train/good/002.png", "test/good/000.png",
                                                          "test/good/001.png", "test/hole/000.png",
                                                          "test/mis_yarn/000.png", "test/stain/000.png"]}
+
+
+def _labelled_project(tmp_path, mvtec) -> Path:
+    """The tiny MVTec tree with its ground truth as labels, one model-1 pre-label, a heat map and a flag."""
+    with Project.create(tmp_path / "p") as p:
+        project_io.import_mvtec(p, mvtec, with_labels=True)
+        review = Review(p)
+        stain = p.image_by_path("test/stain/000.png")
+        r = review.start_check_round()
+        review.record_check_results(r, {stain.id: [{"rule": "iou", "suspicion": 0.5, "numbers": {"iou": 0.4}}]})
+        p.set_heatmap(stain.id, np.ones((stain.height, stain.width), np.float32))
+    return tmp_path / "p"
+
+
+def test_remove_takes_images_out_with_their_history_and_leaves_the_files(tmp_path, mvtec):
+    proj = _labelled_project(tmp_path, mvtec)
+    r = run_cli("remove", proj, "test/stain/000.png", "train/good/")
+    assert r.returncode == 1 and "--yes" in r.stderr and "would remove 4 images, 1 with a label a person made" in r.stdout
+    with Project.open(proj) as p:
+        assert len(p.images()) == 8  # nothing went
+        stain = p.image_by_path("test/stain/000.png")
+        assert p.flags(image_id=stain.id) and p.heatmap(stain.id) is not None
+    r = run_cli("remove", proj, "test/stain/000.png", "train/good/", "--yes")
+    assert r.returncode == 0, r.stderr
+    with Project.open(proj) as p:
+        assert {i.rel_path for i in p.images()} == {"test/good/000.png", "test/good/001.png", "test/hole/000.png",
+                                                     "test/mis_yarn/000.png"}
+        assert p.problems() == [] and not p.flags() and p.heatmap(stain.id) is None
+        assert p.current_label(stain.id) is None and p.label_history(stain.id) == []
+        assert (mvtec / "test/stain/000.png").is_file()  # the file itself is untouched
+        # an image imported later may get the removed image's id: it inherits nothing
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        cv2.imwrite(str(extra / "new.png"), np.full((48, 48, 3), 120, np.uint8))
+        project_io.import_folder(p, extra)
+        new = p.image_by_path("new.png")
+        assert p.heatmap(new.id) is None and p.current_label(new.id) is None and not p.flags(image_id=new.id)
+        for bad in (["test/nothing.png"], ["nope/*"], ["zzz/"]):
+            with pytest.raises(PipelineError, match="no image in the project matches"):
+                project_io.remove_images(p, bad)
+        assert sorted(project_io.remove_images(p, ["test/*/000.png"], dry_run=True)["removed"]) == [
+            "test/good/000.png", "test/hole/000.png", "test/mis_yarn/000.png"]
+
+
+def test_roles_change_both_ways_but_a_defect_a_person_labelled_never_becomes_good_fabric(tmp_path, mvtec):
+    proj = _labelled_project(tmp_path, mvtec)
+    with Project.open(proj) as p:
+        with pytest.raises(PipelineError, match=r"nothing changed: test/hole/000.png: its label marks a defect"):
+            project_io.set_roles(p, ["test/good/000.png", "test/hole/000.png"], "good")
+        assert p.image_by_path("test/good/000.png").role == "label"  # all or nothing
+        # a test image a person marked defect-free becomes a training image; its open flags are dropped
+        stain = p.image_by_path("test/stain/000.png")
+        Review(p).mark_good(stain.id)
+        good = p.image_by_path("test/good/001.png")
+        Review(p).start_check_round()
+        p.add_flags(p.rounds()[-1].number, {good.id: [{"rule": "missed_label", "suspicion": 0.9}]})
+        report = project_io.set_roles(p, ["test/good/*", "test/stain/000.png"], "good")
+        assert sorted(report["changed"]) == ["test/good/000.png", "test/good/001.png", "test/stain/000.png"]
+        for rel in report["changed"]:
+            img = p.image_by_path(rel)
+            assert (img.role, img.state, img.anomaly_score) == ("good", "good", None)
+            assert not p.flags(image_id=img.id, unresolved_only=True)
+        assert p.heatmap(stain.id) is None and len(p.label_history(stain.id)) == 2  # history kept
+        # and back: a training image becomes one to label, waiting for model 1
+        back = project_io.set_roles(p, ["train/good/000.png", "test/good/000.png"], "label")
+        assert sorted(back["changed"]) == ["test/good/000.png", "train/good/000.png"]
+        assert {p.image_by_path(r).state for r in back["changed"]} == {"new"}
+        assert not Review(p).loop_finished()
+        # model 1's own pre-label does not stop an image from becoming good: the person overrules it
+        img = p.image_by_path("train/good/000.png")
+        review = Review(p)
+        rnd = review.start_prelabel_round()
+        mask = np.zeros((img.height, img.width), bool)
+        mask[5:15, 5:15] = True
+        review.record_prelabel(rnd, img.id, mask, None, 9.0, True)
+        assert project_io.set_roles(p, ["train/good/000.png"], "good")["changed"] == ["train/good/000.png"]
+    r = run_cli("role", proj, "test/hole/000.png", "--good")
+    assert r.returncode != 0 and "marks a defect" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("role", proj, "test/good/", "--to-label")
+    assert r.returncode == 0 and "1 image now to label (1 already were)" in r.stdout, r.stderr
