@@ -79,6 +79,8 @@ ACTIONS: tuple[ActionSpec, ...] = (
                "Create a project from a folder of images or an MVTec-AD tree", "Project"),
     ActionSpec("file.open", "Open project…", "std:SP_DialogOpenButton", "Open a project folder", "Project"),
     ActionSpec("file.save", "Save mask", "std:SP_DialogSaveButton", "Save the edited mask of this image now", "Project"),
+    ActionSpec("file.import", "Add images…", "std:SP_FileDialogNewFolder",
+               "Add a batch of images to label, of defect-free images, or an MVTec-AD tree", "Project"),
     ActionSpec("file.import_good", "Add defect-free images…", "",
                "Add a folder of defect-free images: model 1 trains on these", "Project"),
     ActionSpec("file.relink", "Find moved images…", "",
@@ -93,7 +95,7 @@ TOOL_IDS = ("tool.pan", "tool.brush", "tool.eraser", "tool.polygon", "tool.fill"
 
 #: menu title -> action ids (None: separator); "@recent" marks the recent-projects submenu
 MENUS: dict[str, list] = {
-    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import_good", "file.relink", "file.export", None,
+    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import", "file.import_good", "file.relink", "file.export", None,
                  "file.quit"],
     "&Edit": ["edit.undo", "edit.redo", None, "edit.delete_region", "edit.merge_regions"],
     "&Review": ["review.accept", "review.accept_prediction", "review.mark_good", None, "review.next",

@@ -135,6 +135,73 @@ class NewProjectDialog(QDialog):
             self.accept()
 
 
+#: the kinds of batch "Add images…" takes: key, radio text, folder hint
+ADD_KINDS = (
+    ("label", "Images to label", "folder of images (searched recursively)"),
+    ("good", "Defect-free images: model 1 trains on these", "folder of defect-free images"),
+    ("mvtec", "An MVTec-AD tree: train/good are defect-free, test/** are to label", "folder with train/ and test/"),
+)
+
+
+def validate_add_images(kind: str, folder: str) -> Optional[str]:
+    """None when the batch can be added, else what to fix (one sentence)."""
+    if not folder:
+        return "Choose the folder to add."
+    root = Path(folder)
+    if not root.is_dir():
+        return f"There is no folder at {folder}."
+    if kind == "mvtec" and not ((root / "train").is_dir() and (root / "test").is_dir()):
+        return "The MVTec-AD folder must contain train/ and test/."
+    return None
+
+
+class AddImagesDialog(QDialog):
+    """A new batch for an open project. Paths that other images already hold put the batch under its
+    folder's name (``day2/001.png``), so nothing is refused for a repeated file name."""
+
+    def __init__(self, start_dir: str = "", parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Add images")
+        self.setMinimumWidth(560)
+        lay = QVBoxLayout(self)
+        self.kinds = QButtonGroup(self)
+        for k, (key, text, _) in enumerate(ADD_KINDS):
+            radio = QRadioButton(text, self)
+            radio.setChecked(k == 0)
+            self.kinds.addButton(radio, k)
+            lay.addWidget(radio)
+        row, self.folder = _path_row(self, ADD_KINDS[0][2], "Folder to add")
+        self.folder.setText(start_dir)
+        form = QFormLayout()
+        form.addRow("Folder", row)
+        lay.addLayout(form)
+        note = QLabel("Images are referenced where they lie, not copied. When a file's path is already taken by "
+                      "another image (001.png every day), the batch goes under its folder's name.", self)
+        note.setObjectName("muted")
+        note.setWordWrap(True)
+        lay.addWidget(note)
+        self.error = QLabel("", self)
+        self.error.setObjectName("error")
+        self.error.setWordWrap(True)
+        lay.addWidget(self.error)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Add")
+        buttons.accepted.connect(self._try_accept)
+        buttons.rejected.connect(self.reject)
+        lay.addWidget(buttons)
+        self.kinds.idToggled.connect(lambda k, on: on and self.folder.setPlaceholderText(ADD_KINDS[k][2]))
+
+    def choice(self) -> tuple[str, str]:
+        return ADD_KINDS[self.kinds.checkedId()][0], self.folder.text().strip()
+
+    def _try_accept(self) -> None:
+        problem = validate_add_images(*self.choice())
+        if problem:
+            self.error.setText(problem)
+        else:
+            self.accept()
+
+
 class ExportDialog(QDialog):
     def __init__(self, loop_finished: bool, remaining: int, default_dir: str = "",
                  parent: Optional[QWidget] = None) -> None:

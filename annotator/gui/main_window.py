@@ -27,7 +27,7 @@ from annotator.pipeline import PipelineError
 from . import actions as A
 from .browser import ImageBrowser
 from .canvas import MaskCanvas
-from .dialogs import ExportDialog, NewProjectDialog, open_message
+from .dialogs import AddImagesDialog, ExportDialog, NewProjectDialog, open_message
 from .jobs import Job, JobManager
 from .recent import Remembered
 from .review_panel import STATE_HINTS, ReviewQueuePanel, ReviewSidePanel
@@ -145,7 +145,7 @@ class MainWindow(QMainWindow):
             "view.actual_size": lambda: self.canvas.zoom_to(1.0),
             "jobs.prelabel": self.run_prelabel, "jobs.check": self.run_check, "jobs.cancel": self.cancel_jobs,
             "file.new": self.new_project, "file.open": self.choose_project, "file.save": self.save_current,
-            "file.import_good": self.import_good, "file.relink": self.relink, "file.export": self.export, "file.quit": self.close,
+            "file.import": self.add_images, "file.import_good": self.import_good, "file.relink": self.relink, "file.export": self.export, "file.quit": self.close,
             "help.cheat_sheet": self.show_cheat_sheet,
         }
         for ident in A.TOOL_IDS:
@@ -226,6 +226,17 @@ class MainWindow(QMainWindow):
             return None
         return self._start(Job("Importing images", self.session.import_fn(req.sources())), self._imported)
 
+    def add_images(self, kind: Optional[str] = None, folder: Optional[str] = None) -> Optional[Job]:
+        """Add a batch to the open project (asked for when not given): ``kind`` label, good or mvtec."""
+        if self.session is None:
+            return None
+        if kind is None or folder is None:
+            dialog = AddImagesDialog(self.remembered.last_dir(), self)
+            if dialog.exec() != AddImagesDialog.DialogCode.Accepted:
+                return None
+            kind, folder = dialog.choice()
+        return self._start(Job("Adding images", self.session.import_fn([(kind, folder)])), self._imported)
+
     def import_good(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Folder of defect-free images", self.remembered.last_dir())
         if folder and self.session is not None:
@@ -234,7 +245,9 @@ class MainWindow(QMainWindow):
     def _imported(self, reports: list) -> None:
         added = sum(r.get("added", 0) for r in reports)
         skipped = [f"{rel}: {why}" for r in reports for rel, why in r.get("skipped", [])]
-        self.statusBar().showMessage(f"{added} images added. Next: pre-label them (Ctrl+Shift+L).", 15000)
+        under = "".join(f" {r['prefix_reason'][0].upper()}{r['prefix_reason'][1:]}." for r in reports
+                        if r.get("prefix_reason"))
+        self.statusBar().showMessage(f"{added} images added.{under} Next: pre-label them (Ctrl+Shift+L).", 20000)
         if skipped:
             self.show_error("Some files were not imported", "\n".join(skipped[:20]) + (
                 f"\n… and {len(skipped) - 20} more" if len(skipped) > 20 else ""))
@@ -673,7 +686,7 @@ class MainWindow(QMainWindow):
         flag = self._prediction_flag()  # the button's name follows the flag: checker mask or cross-check suggestion
         self.actions["review.accept_prediction"].setEnabled(flag is not None)
         A.retitle(self.actions["review.accept_prediction"], *A.prediction_wording(flag.rule if flag else None))
-        for ident in ("jobs.prelabel", "jobs.check", "file.export", "file.import_good", "file.relink"):
+        for ident in ("jobs.prelabel", "jobs.check", "file.export", "file.import", "file.import_good", "file.relink"):
             self.actions[ident].setEnabled(has_project and not busy)
         self.actions["jobs.cancel"].setEnabled(busy)
         self.canvas_stack.setCurrentWidget(self.canvas if has_image else self.empty_canvas)

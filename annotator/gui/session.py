@@ -220,12 +220,14 @@ class ProjectSession(QObject):
             from annotator.pipeline import project_io
 
             reports = []
-            for kind, folder in sources:
+            for kind, folder in sources:  # a batch whose paths other images hold goes under its folder's name
                 if kind == "mvtec":
-                    reports.append(project_io.import_mvtec(project, folder, on_progress=on_progress, cancel=cancel))
+                    reports.append(project_io.import_mvtec(project, folder, on_progress=on_progress, cancel=cancel,
+                                                           prefix=project_io.AUTO))
                 else:
                     reports.append(project_io.import_folder(project, folder, good=kind == "good",
-                                                            on_progress=on_progress, cancel=cancel))
+                                                            on_progress=on_progress, cancel=cancel,
+                                                            prefix=project_io.AUTO))
             return reports
 
         return self._in_worker(body)

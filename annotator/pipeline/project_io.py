@@ -17,8 +17,9 @@ from . import PipelineError, current_mask
 
 
 def _prefixed(prefix: Optional[str]):
-    """``rel -> prefix/rel`` for an import's ``prefix`` (a relative folder, e.g. ``batch-02``), or the identity."""
-    if not prefix:
+    """``rel -> prefix/rel`` for an import's ``prefix`` (a relative folder, e.g. ``batch-02``), or the identity
+    (also for AUTO, which is settled later, by :func:`_add_items`)."""
+    if not prefix or prefix == AUTO:
         return lambda rel: rel
     parts = [q for q in str(prefix).replace("\\", "/").split("/") if q not in ("", ".")]
     if not parts or ".." in parts or str(prefix).startswith(("/", "\\")) or ":" in parts[0]:
@@ -29,13 +30,21 @@ def _prefixed(prefix: Optional[str]):
 
 def _add_items(project: Project, items, role_of, report: dict, prefix: Optional[str] = None) -> dict[str, int]:
     """Add scanned items in one transaction (their paths under ``prefix``); an existing path is kept, never
-    replaced. Returns {scanned rel_path: image id} of the images added."""
+    replaced. ``prefix`` AUTO: under the batch folder's name only when another image already holds one of its
+    paths (report ``prefix``). Returns {scanned rel_path: image id} of the images added."""
+    if prefix == AUTO:
+        prefix = _auto_prefix(project, items, report)
     path_of = _prefixed(prefix)
     added: dict[str, int] = {}
     with project.transaction():
         for it in items:
             rel = path_of(it.rel_path)
             known = project.image_by_path(rel)
+            if known is None and prefix and report.get("prefix") == prefix:
+                unprefixed = project.image_by_path(it.rel_path)
+                if unprefixed is not None and unprefixed.sha256 == it.sha256:
+                    known = unprefixed  # this very file came in with an earlier batch: not again
+                    rel = it.rel_path
             if known is not None:
                 same = known.sha256 == it.sha256
                 report["skipped"].append([rel, "already in the project" if same else
@@ -46,6 +55,39 @@ def _add_items(project: Project, items, role_of, report: dict, prefix: Optional[
                                                    height=it.height, sha256=it.sha256)
     report["added"] += len(added)
     return added
+
+
+#: ``prefix=AUTO``: a batch goes under its folder's name when its paths are taken (the app's imports)
+AUTO = "<auto>"
+
+
+def _auto_prefix(project: Project, items, report: dict) -> Optional[str]:
+    """The folder name a batch goes under because other images hold some of its paths (``day2`` for
+    ``/data/day2/001.png`` when an earlier ``001.png`` differs), or None when no path is taken by another
+    image. ``day2-2``, ``day2-3``... when that name holds other images of the same paths."""
+    def clashes(head: str) -> int:
+        return sum(1 for it in items if (k := project.image_by_path(head + it.rel_path)) is not None
+                   and k.sha256 != it.sha256)
+
+    taken = clashes("")
+    if not taken:
+        return None
+    base = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(report["root"]).name).strip(".") or "batch"
+    used = {i.rel_path.split("/", 1)[0] for i in project.images() if "/" in i.rel_path}
+
+    def fits(name: str) -> bool:  # a name in use is taken again only by that very batch, imported again
+        same = any((k := project.image_by_path(f"{name}/{it.rel_path}")) is not None and k.sha256 == it.sha256
+                   for it in items)
+        return not clashes(name + "/") and (name not in used or same)
+
+    name, n = base, 1
+    while not fits(name):
+        n += 1
+        name = f"{base}-{n}"
+    report["prefix"] = name
+    report["prefix_reason"] = (f"{taken} of its file paths were taken by other images, so the batch went under "
+                               f"{name}/")
+    return name
 
 
 def _new_report(root) -> dict:
@@ -72,7 +114,7 @@ def import_mvtec(project: Project, root, with_labels: bool = False, on_progress:
                  cancel: Optional[CancelToken] = None, prefix: Optional[str] = None) -> dict:
     """train/good -> good; test/** -> to label; ground truth as reviewer-checked labels when asked; every
     path under ``prefix`` when given."""
-    path_of = _prefixed(prefix)  # a bad prefix fails before the scan
+    _prefixed(prefix)  # a bad prefix fails before the scan
     try:
         scan = F.scan_mvtec(str(root), with_labels=with_labels, on_progress=on_progress, cancel=cancel)
     except F.NotMvtecError as exc:
@@ -82,6 +124,7 @@ def import_mvtec(project: Project, root, with_labels: bool = False, on_progress:
     report["duplicates"] = scan.duplicates
     report["missing_masks"] = scan.missing_masks
     added = _add_items(project, scan.items, lambda it: it.role, report, prefix)
+    path_of = _prefixed(report.get("prefix") or prefix)
     if with_labels:
         review = Review(project)
         for it in scan.items:
@@ -152,6 +195,8 @@ def _set_labels(project: Project, images: dict, loaders: dict, report: dict) -> 
 
 def format_import_report(report: dict) -> str:
     lines = [f"{report['added']} images added, {report['labels']} labels set from {report['root']}"]
+    if report.get("prefix_reason"):
+        lines.append(f"  {report['prefix_reason']}")
     for rel, why in report["skipped"]:
         lines.append(f"  skipped {rel}: {why}")
     for group in report.get("duplicates", []):

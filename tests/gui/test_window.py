@@ -7,6 +7,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PySide6.QtCore import QEvent, QPointF, QSettings, Qt
@@ -491,6 +492,31 @@ def test_a_new_project_from_an_mvtec_tree_imports_as_a_job(qtbot, window, fabric
     assert counts["good"] == 8 and counts["new"] == 10
     assert window.browser.model.rowCount() == 18 and "images added" in window.statusBar().currentMessage()
     assert window.remembered.recent()[0] == str((tmp_path / "new").resolve())
+
+
+def test_a_new_batch_is_added_to_an_open_project_and_repeated_names_go_under_its_folder(qtbot, window, project_dir,
+                                                                                        fabric, tmp_path):
+    from annotator.gui.dialogs import AddImagesDialog, validate_add_images
+
+    batch = tmp_path / "day2"
+    (batch / "test" / "hole").mkdir(parents=True)
+    cv2.imwrite(str(batch / "test" / "hole" / "000.png"), np.full((64, 64, 3), 77, np.uint8))  # a taken path
+    cv2.imwrite(str(batch / "new.png"), np.full((64, 64, 3), 99, np.uint8))
+    assert validate_add_images("label", "") == "Choose the folder to add."
+    assert "no folder" in validate_add_images("label", str(tmp_path / "nowhere"))
+    assert "train/ and test/" in validate_add_images("mvtec", str(batch))
+    assert validate_add_images("mvtec", str(fabric)) is None and validate_add_images("label", str(batch)) is None
+    dialog = AddImagesDialog(str(batch), window)
+    dialog.kinds.button(1).setChecked(True)
+    assert dialog.choice() == ("good", str(batch))
+    window.open_project(project_dir)
+    assert window.actions["file.import"].isEnabled()
+    run_job(qtbot, window, lambda: window.add_images("label", str(batch)))
+    paths = {i.rel_path for i in window.session.project.images()}
+    assert {"day2/test/hole/000.png", "day2/new.png"} <= paths and len(paths) == 20
+    assert window.browser.model.all_count() == 20
+    message = window.statusBar().currentMessage()
+    assert "2 images added. 1 of its file paths were taken by other images, so the batch went under day2/" in message
 
 
 @pytest.mark.slow

@@ -535,3 +535,27 @@ def test_roles_change_both_ways_but_a_defect_a_person_labelled_never_becomes_goo
     assert r.returncode != 0 and "marks a defect" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("role", proj, "test/good/", "--to-label")
     assert r.returncode == 0 and "1 image now to label (1 already were)" in r.stdout, r.stderr
+
+
+def test_the_apps_import_puts_a_batch_under_its_folder_name_only_when_its_paths_are_taken(tmp_path):
+    day1, day2, again = tmp_path / "day1", tmp_path / "in" / "day2", tmp_path / "again" / "day2"
+    for folder, values in ((day1, (80, 90)), (day2, (80, 160, 170)), (again, (200,))):
+        folder.mkdir(parents=True)
+        for k, v in enumerate(values):
+            cv2.imwrite(str(folder / f"00{k}.png"), np.full((24, 24, 3), v, np.uint8))
+    with Project.create(tmp_path / "p") as p:
+        first = project_io.import_folder(p, day1, prefix=project_io.AUTO)
+        assert first["added"] == 2 and "prefix" not in first  # nothing taken: paths as they are
+        report = project_io.import_folder(p, day2, prefix=project_io.AUTO)
+        # 001.png differs from day 1's: the batch goes under day2/, except the file day 1 already brought
+        assert report["prefix"] == "day2" and "1 of its file paths were taken" in report["prefix_reason"]
+        assert report["added"] == 2 and report["skipped"] == [["000.png", "already in the project"]]
+        assert {i.rel_path for i in p.images()} == {"000.png", "001.png", "day2/001.png", "day2/002.png"}
+        assert "went under day2/" in project_io.format_import_report(report)
+        # another folder of the same name whose paths are taken again: day2-2/
+        third = project_io.import_folder(p, again, prefix=project_io.AUTO, good=True)
+        assert third["prefix"] == "day2-2" and p.image_by_path("day2-2/000.png").role == "good"
+        # importing the same batches again adds nothing and picks no new name
+        assert project_io.import_folder(p, day1, prefix=project_io.AUTO)["added"] == 0
+        repeat = project_io.import_folder(p, day2, prefix=project_io.AUTO)
+        assert repeat["added"] == 0 and repeat["prefix"] == "day2" and len(p.images()) == 5
