@@ -172,7 +172,8 @@ def cmd_remove(a) -> int:
     else:
         n, kept = len(report["removed"]), set(report["person_labelled"])
         verb = "would remove" if report["dry_run"] else "removed"
-        print(f"{verb} {n} image{'' if n == 1 else 's'}" + (f", {len(kept)} with a label a person made" if kept else ""))
+        made = f", {len(kept)} with a label a person made" if kept else ""
+        print(f"{verb} {n} image{'' if n == 1 else 's'}{made}")
         for rel in report["removed"]:
             print(f"  {rel}" + ("  (labelled by a person)" if rel in kept else ""))
     if report["dry_run"]:

@@ -72,7 +72,7 @@ CREATE TABLE classes (
 CREATE TABLE images (
     id            INTEGER PRIMARY KEY,
     rel_path      TEXT NOT NULL UNIQUE,          -- POSIX, relative to its import root
-    source        TEXT NOT NULL,                 -- the original file: relative to the project folder when inside it, else absolute
+    source        TEXT NOT NULL,                 -- the file: relative to the project folder when inside, else absolute
     width         INTEGER NOT NULL CHECK (width > 0),
     height        INTEGER NOT NULL CHECK (height > 0),
     sha256        TEXT NOT NULL,
@@ -386,7 +386,8 @@ class Project:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(event, id)`` after each commit; returns an unsubscribe function.
 
-        Events: image_added, image_moved, image_removed (id None), role_changed, label_changed, state_changed, prediction_changed,
+        Events: image_added, image_moved, image_removed (id None), role_changed, label_changed,
+        state_changed, prediction_changed,
         flags_changed (id = image), round_changed (id = round), class_added,
         model_run_added (id = run), heatmap_changed (id = image).
         """

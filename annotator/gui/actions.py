@@ -95,7 +95,8 @@ TOOL_IDS = ("tool.pan", "tool.brush", "tool.eraser", "tool.polygon", "tool.fill"
 
 #: menu title -> action ids (None: separator); "@recent" marks the recent-projects submenu
 MENUS: dict[str, list] = {
-    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import", "file.import_good", "file.relink", "file.export", None,
+    "&Project": ["file.new", "file.open", "@recent", None, "file.save", "file.import", "file.import_good", "file.relink",
+                 "file.export", None,
                  "file.quit"],
     "&Edit": ["edit.undo", "edit.redo", None, "edit.delete_region", "edit.merge_regions"],
     "&Review": ["review.accept", "review.accept_prediction", "review.mark_good", None, "review.next",

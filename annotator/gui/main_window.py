@@ -145,7 +145,8 @@ class MainWindow(QMainWindow):
             "view.actual_size": lambda: self.canvas.zoom_to(1.0),
             "jobs.prelabel": self.run_prelabel, "jobs.check": self.run_check, "jobs.cancel": self.cancel_jobs,
             "file.new": self.new_project, "file.open": self.choose_project, "file.save": self.save_current,
-            "file.import": self.add_images, "file.import_good": self.import_good, "file.relink": self.relink, "file.export": self.export, "file.quit": self.close,
+            "file.import": self.add_images, "file.import_good": self.import_good, "file.relink": self.relink,
+            "file.export": self.export, "file.quit": self.close,
             "help.cheat_sheet": self.show_cheat_sheet,
         }
         for ident in A.TOOL_IDS:
@@ -186,8 +187,19 @@ class MainWindow(QMainWindow):
             if zoom is not None:
                 self.canvas.zoom_to(zoom)
         self._update_enabled()
+        self._note_missing_files()
         self.project_opened.emit(str(s.path))
         return True
+
+    def _note_missing_files(self) -> None:
+        from annotator.pipeline.project_io import missing_files
+
+        missing = missing_files(self.session.project)
+        if missing:
+            what = "1 image file is not where it was" if len(missing) == 1 else \
+                f"{len(missing)} image files are not where they were"
+            self.statusBar().showMessage(f"{what} imported from (first: {missing[0]}). Moved? Project → Find moved "
+                                         "images…", 30000)
 
     def close_project(self) -> bool:
         if self.session is None:
@@ -294,9 +306,9 @@ class MainWindow(QMainWindow):
             self.show_error("The images keep their role", str(exc))
             return False
         n = len(report["changed"])
-        self.statusBar().showMessage(
-            f"{n} image{'' if n == 1 else 's'} now " + ("defect-free: model 1 trains on them" if role == "good" else
-                                                         "to label") + " from the next pre-label (Ctrl+Shift+L).", 15000)
+        what = "defect-free: model 1 trains on them" if role == "good" else "to label"
+        self.statusBar().showMessage(f"{n} image{'' if n == 1 else 's'} now {what} from the next pre-label "
+                                     "(Ctrl+Shift+L).", 15000)
         self._refresh_now(full=True)
         if self.current_id in image_ids:
             self.show_image(self.current_id)

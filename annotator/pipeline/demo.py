@@ -36,7 +36,10 @@ def truth_masks(project: Project, data_root: Path) -> dict:
 def build_demo(folder, size: int = 256, seed: int = 0, style: str = "twill") -> Project:
     folder = Path(folder)
     if (folder / DB_NAME).exists():
-        return Project.open(folder)
+        project = Project.open(folder)
+        if project_io.missing_files(project):  # a demo folder moved since (older ones kept absolute paths)
+            project_io.relink(project, folder)
+        return project
     write_demo_mvtec(folder / "data", style=style, size=size, seed=seed, **DEMO_COUNTS)
     project = Project.create(folder)
     project_io.import_mvtec(project, folder / "data")

@@ -373,7 +373,13 @@ def status(project: Project) -> dict:
             "path": img.rel_path, "role": img.role, "state": img.state, "anomaly_score": img.anomaly_score,
             "label_area": None if label is None else label.area, "flags": open_flags.get(img.id, []),
         })
-    return {"round": rounds[-1].number if rounds else 0, **status_counts(project), "images": images}
+    return {"round": rounds[-1].number if rounds else 0, **status_counts(project),
+            "missing_files": missing_files(project), "images": images}
+
+
+def missing_files(project: Project) -> list[str]:
+    """Paths of the images whose file is no longer where the project expects it (``annotator relink``)."""
+    return [img.rel_path for img in project.images() if not os.path.isfile(img.source)]
 
 
 def format_status(st: dict) -> str:
@@ -381,6 +387,9 @@ def format_status(st: dict) -> str:
     head = f"round {st['round']} · phase {st['phase']} · {counts}"
     if st["loop_finished"]:
         head += " · loop finished: ready to export"
+    if st.get("missing_files"):
+        head += (f"\n{len(st['missing_files'])} image files are not where they were imported from (first: "
+                 f"{st['missing_files'][0]}); `annotator relink P FOLDER` finds moved ones")
     rows = [f"{i['state']:<12} {_fmt(i['anomaly_score']):>7} {str(i['label_area'] or ''):>7}  {i['path']}"
             + (f"  [{', '.join(i['flags'])}]" if i["flags"] else "") for i in st["images"]]
     return "\n".join([head, f"{'state':<12} {'score':>7} {'area':>7}  path", *rows])

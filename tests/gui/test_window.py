@@ -256,6 +256,7 @@ def test_images_moved_since_the_import_are_found_again_from_the_project_menu(qtb
         first = p.images(role="label")[0]
     shutil.move(str(tmp_path / "incoming"), str(tmp_path / "archive"))
     window.open_project(tmp_path / "own-proj")
+    assert "18 image files are not where they were imported from" in window.statusBar().currentMessage()
     with qtbot.waitSignal(window.error_shown):
         assert not window.show_image(first.id)
     browser, thumbs = window.browser, window.browser.model.thumbnails

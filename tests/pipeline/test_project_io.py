@@ -410,6 +410,9 @@ def test_relink_finds_moved_images_by_content_and_never_takes_another_file(tmp_p
             p.set_source(hole.id, new / "test/stain/000.png")
         report = project_io.relink(p, tmp_path / "disk2")
         assert report["looked_for"] == 8
+        assert project_io.missing_files(p) == ["test/stain/000.png"]
+        st = project_io.status(p)
+        assert st["missing_files"] == ["test/stain/000.png"] and "annotator relink" in project_io.format_status(st)
         relinked = dict(report["relinked"])
         assert relinked["test/hole/000.png"] == str(tmp_path / "disk2" / "000.png")  # found by name and content
         assert relinked["train/good/000.png"] == str(new / "train/good/000.png")
@@ -559,3 +562,22 @@ def test_the_apps_import_puts_a_batch_under_its_folder_name_only_when_its_paths_
         assert project_io.import_folder(p, day1, prefix=project_io.AUTO)["added"] == 0
         repeat = project_io.import_folder(p, day2, prefix=project_io.AUTO)
         assert repeat["added"] == 0 and repeat["prefix"] == "day2" and len(p.images()) == 5
+
+
+def test_the_demo_reopened_after_its_folder_moved_finds_its_images(tmp_path):
+    """A demo project built before paths inside the project were kept relative, then moved."""
+    import shutil
+    import sqlite3
+
+    from annotator.pipeline.demo import build_demo
+
+    build_demo(tmp_path / "demo", size=32).close()
+    db = sqlite3.connect(tmp_path / "demo" / "project.sqlite")
+    db.execute("UPDATE images SET source = ? || '/' || source", (str(tmp_path / "demo"),))
+    db.commit()
+    db.close()
+    shutil.move(str(tmp_path / "demo"), str(tmp_path / "moved"))
+    with Project.open(tmp_path / "moved") as p:
+        assert len(project_io.missing_files(p)) == len(p.images()) > 0
+    with build_demo(tmp_path / "moved", size=32) as p:
+        assert project_io.missing_files(p) == []
