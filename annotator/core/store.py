@@ -522,12 +522,13 @@ class Project:
         except images.ImageError as exc:
             raise ProjectError(f"{img.rel_path}: {exc.reason} ({img.source})") from None
 
-    def set_source(self, image_id: int, source: Union[str, Path]) -> None:
+    def set_source(self, image_id: int, source: Union[str, Path], sha256: Optional[str] = None) -> None:
         """Point an image at its file's new place (moved or copied since the import). The file must hold
-        the same image: its SHA-256 is checked against the one recorded at the import."""
+        the same image: its SHA-256 (computed here unless the caller just did: ``sha256``) is checked against
+        the one recorded at the import."""
         img = self.image(image_id)
         source = Path(source).resolve()
-        _, _, digest = _probe_image(source)
+        digest = sha256 or _probe_image(source)[2]
         if digest != img.sha256:
             raise ProjectError(f"{img.rel_path}: {source} is a different file (its content differs from the "
                                "imported one)")

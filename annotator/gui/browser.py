@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Optional
 
 import cv2
-from PySide6.QtCore import QAbstractListModel, QModelIndex, QPoint, QRect, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QAbstractListModel, QEvent, QModelIndex, QPoint, QRect, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QListView, QMenu, QStyle,
                                QStyledItemDelegate, QStyleOptionViewItem, QVBoxLayout, QWidget)
@@ -375,7 +375,9 @@ class ImageBrowser(QWidget):
         self.view.setSelectionMode(QListView.SelectionMode.ExtendedSelection)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.customContextMenuRequested.connect(self._context_menu)
-        self.view.clicked.connect(self._activated)
+        self._press_modifiers = Qt.KeyboardModifier.NoModifier
+        self.view.viewport().installEventFilter(self)
+        self.view.clicked.connect(self._clicked)
         self.view.activated.connect(self._activated)
         bar = QHBoxLayout()
         bar.addWidget(self.filter, 3)
@@ -427,6 +429,16 @@ class ImageBrowser(QWidget):
         sel.setCurrentIndex(index, sel.SelectionFlag.ClearAndSelect)
         if scroll:
             self.view.scrollTo(index)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.view.viewport() and event.type() == QEvent.Type.MouseButtonPress:
+            self._press_modifiers = event.modifiers()
+        return False
+
+    def _clicked(self, index: QModelIndex) -> None:
+        if self._press_modifiers & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier):
+            return  # Ctrl / Shift + click chooses several rows (for the context menu); it opens none
+        self._activated(index)
 
     def _activated(self, index: QModelIndex) -> None:
         image_id = index.data(ImageIdRole)

@@ -324,7 +324,7 @@ def relink(project: Project, folder=None, every: bool = False, on_progress: Prog
             if candidates:
                 report["different"].append([img.rel_path, str(candidates[0])])
         elif found != old:
-            project.set_source(img.id, found)
+            project.set_source(img.id, found, sha256=img.sha256)
             report["relinked"].append([img.rel_path, str(found)])
     on_progress(len(wanted), len(wanted), "looking for moved images")
     return report
@@ -387,9 +387,11 @@ def format_status(st: dict) -> str:
     head = f"round {st['round']} · phase {st['phase']} · {counts}"
     if st["loop_finished"]:
         head += " · loop finished: ready to export"
-    if st.get("missing_files"):
-        head += (f"\n{len(st['missing_files'])} image files are not where they were imported from (first: "
-                 f"{st['missing_files'][0]}); `annotator relink P FOLDER` finds moved ones")
+    missing = st.get("missing_files") or []
+    if missing:
+        what = "1 image file is not where it was" if len(missing) == 1 else \
+            f"{len(missing)} image files are not where they were"
+        head += f"\n{what} imported from (first: {missing[0]}); `annotator relink P FOLDER` finds moved ones"
     rows = [f"{i['state']:<12} {_fmt(i['anomaly_score']):>7} {str(i['label_area'] or ''):>7}  {i['path']}"
             + (f"  [{', '.join(i['flags'])}]" if i["flags"] else "") for i in st["images"]]
     return "\n".join([head, f"{'state':<12} {'score':>7} {'area':>7}  path", *rows])

@@ -280,9 +280,13 @@ def test_the_browser_menu_changes_roles_and_removes_images_after_asking(qtbot, w
     goods = [i.id for i in project.images(role="good")][:2]
     hole = project.image_by_path("test/hole/000.png")
     assert window.show_image(hole.id)
-    sel = browser.view.selectionModel()
-    for i in goods + [hole.id]:
-        sel.select(browser.model.index(browser.model.row_of(i)), sel.SelectionFlag.Select)
+    window.left_tabs.setCurrentWidget(browser)
+    for i in goods:  # Ctrl + click adds rows to the selection and opens none of them
+        browser.view.scrollTo(browser.model.index(browser.model.row_of(i)))
+        rect = browser.view.visualRect(browser.model.index(browser.model.row_of(i)))
+        qtbot.mouseClick(browser.view.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.ControlModifier,
+                         rect.center())
+    assert window.current_id == hole.id and {r.id for r in browser.selected_rows()} == {hole.id, *goods}
     menu = browser.context_menu()
     texts = [a.text() for a in menu.actions() if a.text()]
     assert texts == ["Defect-free: train model 1 on it (1 of the 3)", "To label: stop training model 1 on them (2 of the 3)",
@@ -303,6 +307,9 @@ def test_the_browser_menu_changes_roles_and_removes_images_after_asking(qtbot, w
     assert window.remove_images([hole.id] + goods) == 3
     assert len(project.images()) == 15 and browser.model.all_count() == 15 and window.current_id is None
     assert not window.actions["review.accept"].isEnabled() and project.problems() == []
+    first = browser.model.index(0)
+    qtbot.mouseClick(browser.view.viewport(), Qt.MouseButton.LeftButton, pos=browser.view.visualRect(first).center())
+    assert window.current_id == first.data(Qt.ItemDataRole.UserRole).id  # a plain click opens the image
 
 
 def test_a_damaged_label_file_shows_the_last_version_that_reads_and_saves_it_again(qtbot, window, project_dir):
