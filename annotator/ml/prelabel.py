@@ -50,10 +50,14 @@ from annotator.core.masks import rect_sides, regions_peaking_above, remove_small
 from annotator.ml.backbone import STAGES, create_lite0_features, full_fp32, normalise, pick_device
 from annotator.ml.line_trace import trace_lines
 from annotator.ml.reference_refine import reference_crops, refine_with_reference
+from annotator.ml.weave_residual import MARGIN, Findings, WeaveResidual
 
 FORMAT = "annotator.prelabel"
 COARSE_MIN_PX = 256  # px after scale: smallest tile / image side for the coarse memory (see PrelabelConfig)
-FORMAT_VERSION = 3  # 2: border profile, 3: coarse memory (older readers would ignore them and mis-threshold)
+# 2: border profile, 3: coarse memory, 4: weave residual (older readers would ignore them and mis-threshold)
+FORMAT_VERSION = 4
+# the weave-residual detectors need this many held-out good images: their z-scores' means and sds come from them
+WEAVE_MIN_HOLDOUT = 8
 CONFIG_FILE = "prelabeller.json"
 TENSORS_FILE = "prelabeller.pt"
 METHODS = ("patchcore", "padim")
@@ -182,6 +186,14 @@ class PrelabelConfig:
     # per-pixel refinements above cut a faint line into pieces. Pre-labels a reviewer can keep, 5 demo fabrics,
     # seed 0, 60 good images, 42 defective each: 102 -> 129 of 210 (lines 30 -> 57 of 90); compact kinds unchanged.
     trace_lines: bool = True
+    # A second look at the image with the weave's own spectrum taken out (annotator.ml.weave_residual): the best
+    # long thin line along it and the strongest spot. Each one's z-score on the held-out good images, less
+    # MARGIN (1), enters the image score in the map's units: score = max(map max, mean + sd x (z - 1)) with the
+    # mean and sd of the held-out map maxima; what a detector calls is drawn (a line traced along its length, a
+    # spot's region). Open-width creases that cross the yarns look like the gap between two yarns to a 4-px
+    # patch; their length and straightness give them away; faint stains hide in the weave's texture. Image
+    # AUROC, 5 demo fabrics (docs/benchmarks.md, session 14). False = the map alone.
+    weave_residual: bool = True
     min_region_area: int = 16  # px; smaller mask regions are dropped
     # A region of the final mask is kept only where the map reaches this multiple of the image threshold on it
     # (or within 2 px): each region must be a detection by itself, the rule the image decision applies to
@@ -249,7 +261,7 @@ class PrelabelConfig:
 class PrelabelResult:
     """Model 1's output for one image."""
 
-    score: float  # image anomaly score (max of the map)
+    score: float  # image anomaly score: max of the map, or of the weave-residual detectors' (map units) if higher
     heatmap: np.ndarray  # float32 HxW, 1.0 == pixel threshold
     mask: np.ndarray  # bool HxW; empty when not is_defect
     is_defect: bool  # score > image threshold
@@ -528,7 +540,7 @@ class Prelabeller:
     def __init__(self, config: PrelabelConfig, state: dict[str, torch.Tensor], thresholds: dict,
                  metrics: Optional[dict] = None, embedder: Optional[PatchEmbedder] = None,
                  border: Optional[dict] = None, coarse_gain: float = 0.0,
-                 coarse_embedder: Optional[PatchEmbedder] = None) -> None:
+                 coarse_embedder: Optional[PatchEmbedder] = None, weave: Optional[dict] = None) -> None:
         self.config = config
         # {"coarse": (n, 2) [mean, sd] by distance to the edge, "fine": ...} or None (no correction)
         self.border = {k: np.asarray(v, np.float64) for k, v in border.items()} if border else None
@@ -537,6 +549,14 @@ class Prelabeller:
         state = dict(state)
         refs = state.pop("references", None)  # good crops for reference_refine: stay on the CPU, as uint8
         self.references = refs.numpy() if isinstance(refs, torch.Tensor) else refs
+        # the weave-residual detectors: the spectrum (a tensor, CPU) and their calibration (see weave_residual),
+        # with the mean and sd of the held-out map maxima: the z-scores' units in the map's
+        spectrum = state.pop("weave_spectrum", None)
+        self.weave: Optional[WeaveResidual] = None
+        self.weave_map = (0.0, 1.0)
+        if spectrum is not None and weave:
+            self.weave = WeaveResidual(spectrum.numpy() if isinstance(spectrum, torch.Tensor) else spectrum, weave)
+            self.weave_map = (float(weave["map_mu"]), float(weave["map_sd"]))
         self.state = {k: v.to(self.device) for k, v in state.items()}
         self.thresholds = dict(thresholds)
         self.metrics = dict(metrics or {})
@@ -685,16 +705,45 @@ class Prelabeller:
 
     def _result(self, m: np.ndarray, fine: Optional[np.ndarray] = None,
                 image: Optional[np.ndarray] = None) -> PrelabelResult:
-        score = float(m.max())
+        found = self.weave_findings(image) if image is not None and image.shape[:2] == m.shape else None
+        line_score, spot_score = self.weave_scores(found)
+        score = max(float(m.max()), line_score, spot_score)
         is_defect = score > self.thresholds["image"]
         heat = (m / self.thresholds["pixel"]).astype(np.float32)
         if is_defect:
             mask = self.mask_from_map(m, fine, image)
+            if line_score > self.thresholds["image"]:
+                mask |= self.line_mask(found.line, image)
+            if spot_score > self.thresholds["image"]:
+                mask |= found.spot.region
             if not mask.any():
                 mask = self.peak_region(m)
         else:
             mask = np.zeros(m.shape, bool)
         return PrelabelResult(score=score, heatmap=heat, mask=mask, is_defect=bool(is_defect))
+
+    def weave_findings(self, image: np.ndarray) -> Optional[Findings]:
+        """The weave-residual detectors' best line and spot on ``image`` (see annotator.ml.weave_residual)."""
+        return None if self.weave is None else self.weave.analyse(_check_image(image))
+
+    def weave_scores(self, found: Optional[Findings]) -> tuple[float, float]:
+        """(line, spot): each detector's z-score less MARGIN, in the map's units (-inf: none)."""
+        mu, sd = self.weave_map
+        line = spot = -np.inf
+        if found is not None and found.line is not None:
+            line = mu + sd * (self.weave.z_line(found.line.score) - MARGIN)
+        if found is not None and found.spot is not None:
+            spot = mu + sd * (self.weave.z_spot(found.spot.score) - MARGIN)
+        return line, spot
+
+    def line_mask(self, line, image: np.ndarray) -> np.ndarray:
+        """The line the detector called, traced along its length on the image (annotator.ml.line_trace)
+        within 6 px of its path; the path itself, 2 px wide, where the tracer finds no thin line there."""
+        img = _check_image(image)
+        path = self.weave.path_mask(line, img.shape[:2])
+        band = cv2.dilate(path.astype(np.uint8), np.ones((13, 13), np.uint8)).astype(bool)
+        traced, _ = trace_lines(img, band, self.references)
+        return traced if traced.any() else path
 
     def peak_region(self, m: np.ndarray) -> np.ndarray:
         """The region of the map above the pixel threshold around its peak, cut at half its height
@@ -769,6 +818,8 @@ class Prelabeller:
         tensors = {k: v.detach().cpu() for k, v in self.state.items() if not k.endswith("_sq")}
         if self.references is not None and len(self.references):
             tensors["references"] = torch.from_numpy(np.ascontiguousarray(self.references))
+        if self.weave is not None:
+            tensors["weave_spectrum"] = torch.from_numpy(self.weave.spectrum)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -776,6 +827,8 @@ class Prelabeller:
             "thresholds": self.thresholds,
             "border": {k: v.tolist() for k, v in self.border.items()} if self.border else None,
             "coarse_gain": self.coarse_gain,
+            "weave": None if self.weave is None else {**self.weave.calibration(), "map_mu": self.weave_map[0],
+                                                      "map_sd": self.weave_map[1]},
             "metrics": self.metrics,
             "backbone_sha256": self.embedder.fingerprint(),
             "versions": _versions(),
@@ -800,7 +853,7 @@ class Prelabeller:
         config = PrelabelConfig.from_dict(data)
         state = torch.load(folder / TENSORS_FILE, map_location="cpu", weights_only=True)
         model = cls(config, state, meta["thresholds"], meta.get("metrics"), border=meta.get("border"),
-                    coarse_gain=float(meta.get("coarse_gain", 0.0)))
+                    coarse_gain=float(meta.get("coarse_gain", 0.0)), weave=meta.get("weave"))
         want = meta.get("backbone_sha256")
         if want and want != model.embedder.fingerprint():
             raise ValueError("the backbone weights differ from the ones this pre-labeller was fitted with")
@@ -1042,7 +1095,15 @@ def fit_prelabeller(good_images: Sequence[np.ndarray], config: PrelabelConfig = 
             if cfg.refine:
                 model.border["fine"] = border_profile(hold_fine, cfg.border_px)
                 hold_fine = [apply_border_profile(f, model.border["fine"]) for f in hold_fine]
-        thresholds, calib = calibrate(hold_maps, hold_fine if cfg.refine else None, cfg)
+        scores = [float(m.max()) for m in hold_maps]
+        if cfg.weave_residual and len(hold_orig) >= WEAVE_MIN_HOLDOUT:
+            model.weave = WeaveResidual.fit([originals[i] for i in fit_idx])
+        if model.weave is not None:
+            found = [model.weave.analyse(im) for im in hold_orig]
+            model.weave.calibrate([f for f in found if f is not None])
+            model.weave_map = (float(np.mean(scores)), float(max(np.std(scores), 1e-9)))
+            scores = [max(s, *model.weave_scores(f)) for s, f in zip(scores, found)]
+        thresholds, calib = calibrate(hold_maps, hold_fine if cfg.refine else None, cfg, scores)
         model.thresholds = thresholds
         # 3. optionally extend the bank with the holdout patches (a superset bank: every
         #    score can only go down, so the thresholds stay valid upper bounds). Only the fine
@@ -1151,14 +1212,15 @@ def apply_border_profile(m: np.ndarray, prof: np.ndarray) -> np.ndarray:
     return out
 
 
-def calibrate(hold_maps: Sequence[np.ndarray], hold_fine: Optional[Sequence[np.ndarray]], cfg: PrelabelConfig
-              ) -> tuple[dict, dict]:
-    """Thresholds from the anomaly maps of held-out GOOD images only (see the config comments).
+def calibrate(hold_maps: Sequence[np.ndarray], hold_fine: Optional[Sequence[np.ndarray]], cfg: PrelabelConfig,
+              scores: Optional[Sequence[float]] = None) -> tuple[dict, dict]:
+    """Thresholds from the anomaly maps of held-out GOOD images only (see the config comments);
+    ``scores``: their image scores when not the maps' maxima (the weave-residual detectors' enter).
 
     anomalib's adaptive threshold would need defective validation images (with none it
     picks the minimum); here every number comes from good images the model never saw.
     """
-    scores = np.array([float(m.max()) for m in hold_maps])
+    scores = np.array([float(m.max()) for m in hold_maps] if scores is None else scores, np.float64)
     pixels = np.concatenate([m.ravel() for m in hold_maps])
     floor = scores.mean() + cfg.image_sd_k * scores.std() if scores.size > 1 else scores.max()
     median = float(np.median(pixels))

@@ -518,7 +518,7 @@ def test_coarse_memory_round_trips_and_files_from_before_it_load_without_it(coar
         assert a.score == pytest.approx(b.score, rel=1e-6) and np.array_equal(a.mask, b.mask)
     meta_file = folder / P.CONFIG_FILE
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    assert meta["format_version"] == 3 and meta["coarse_gain"] == pytest.approx(model.coarse_gain)
+    assert meta["format_version"] == P.FORMAT_VERSION and meta["coarse_gain"] == pytest.approx(model.coarse_gain)
     old = dict(meta, format_version=2)  # a version-2 file: no coarse memory in config, tensors or meta
     old.pop("coarse_gain")
     old["config"] = {k: v for k, v in meta["config"].items() if k not in ("coarse_layers", "coarse_weight")}
