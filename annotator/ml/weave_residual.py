@@ -44,6 +44,13 @@ SPOT_SIGMA = 6.0  # px: blur of the whitened window for the spot score
 # Each detector is one more chance for a good image to look odd: its z-score counts this much less, so that
 # its own good-image tail stays below the map's (see the comment at PrelabelConfig.weave_residual)
 MARGIN = 1.0
+# A texture without a period has no background to take out: there the whitened image's lines and spots are
+# the texture's own, and every extra detector only lifts good images. Share of the spectrum's power (past the
+# lowest 4 frequencies) in its strongest 0.5 % of frequencies (periodic_share): demo weaves 0.28-0.86 over 40
+# random fabrics at 256-px windows (0.24-0.84 at 128 px; satin and some twills lowest, rib highest);
+# scikit-image photographs at 128 px: brick 0.64, gravel 0.22, grass 0.14. Below this share the second look is
+# off: on grass and gravel it cost image AUROC 0.728 -> 0.648 and 0.860 -> 0.785 (docs/benchmarks.md, session 14).
+MIN_PERIODIC_SHARE = 0.25
 _LUMA = np.array([0.114, 0.587, 0.299], np.float32)  # BGR -> luma
 
 
@@ -112,7 +119,8 @@ class WeaveResidual:
 
     @classmethod
     def fit(cls, images: Sequence[np.ndarray], cap: int = WINDOW) -> Optional["WeaveResidual"]:
-        """From good images (HxWx3 uint8); None when they are too small (see MIN_WINDOW)."""
+        """From good images (HxWx3 uint8); None when they are too small (MIN_WINDOW) or their texture has
+        no period (MIN_PERIODIC_SHARE)."""
         n = window_size([im.shape[:2] for im in images], cap)
         if not n:
             return None
@@ -121,7 +129,8 @@ class WeaveResidual:
             for _, _, win in _windows(_luma(im), n):
                 total += np.abs(np.fft.fft2(win)) ** 2
                 count += 1
-        return cls(total / count)
+        spectrum = total / count
+        return cls(spectrum) if periodic_share(spectrum) >= MIN_PERIODIC_SHARE else None
 
     def calibrate(self, good: Sequence[Findings]) -> None:
         """Each score's mean and sd, from the findings on held-out good images."""
@@ -179,6 +188,15 @@ class WeaveResidual:
         out = np.zeros(shape, np.uint8)
         cv2.polylines(out, [path.points.reshape(-1, 1, 2)], False, 1, thickness=width)
         return out.astype(bool)
+
+
+def periodic_share(spectrum: np.ndarray) -> float:
+    """How periodic a texture is: the share of its power spectrum (past the lowest 4 frequencies: shading)
+    in the strongest 0.5 % of its frequencies."""
+    n = spectrum.shape[0]
+    f = np.fft.fftfreq(n) * n
+    power = np.sort(spectrum[np.hypot(f[:, None], f[None, :]) >= 4].ravel())[::-1]
+    return float(power[:max(1, int(0.005 * power.size))].sum() / max(power.sum(), 1e-12))
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
